@@ -1,0 +1,70 @@
+package swo
+
+import (
+	"fmt"
+	"hash/fnv"
+)
+
+// Advisory locks.
+//
+// swo coordinates the application's connections and the executing node with
+// PostgreSQL advisory locks in the old database. Keys use the two-int4 form,
+// whose key space PostgreSQL keeps apart from the single-bigint form most
+// applications use; the first int4 is derived from Config.Namespace, so two
+// deployments in one database (or an application using the two-int4 form)
+// can be kept apart by choosing namespaces. The second int4 names the lock:
+//
+//	conn  (1)  SHARED, session-scoped: taken by every application connection
+//	           the connector opens to the old database (both modes), before
+//	           the connection reads the switch state, and held for the life of
+//	           the connection.
+//	           EXCLUSIVE, session-scoped: taken by the executing node for the
+//	           stop-the-world window; held through the final sync and the
+//	           commit of the switch, released (or dropped with the session)
+//	           right after.
+//	exec  (2)  EXCLUSIVE, session-scoped: held by the node that leads an
+//	           execution, from start to end, so that two executions can never
+//	           overlap even if the message log were misread.
+//	setup (3)  EXCLUSIVE, transaction-scoped: serialises creation and
+//	           migration of the library's schema and appends to the message
+//	           log (which makes log order equal commit order).
+//
+// Why this is correct. An application connection to the old database exists
+// only while it holds conn SHARED. The switch commits while the executor holds
+// conn EXCLUSIVE, so at the commit no application connection to the old
+// database exists anywhere. A connection opened after the commit gets conn
+// SHARED only after the executor released it, and reads the switch state in a
+// separate statement, whose READ COMMITTED snapshot is taken after the lock was
+// granted: it sees the commit and goes to the new database. (Reading the state
+// in the same statement that waits for the lock would use a snapshot from
+// before the wait and miss the commit.) Hence no application write reaches the
+// old database after the switch, and none reaches the new one before it.
+//
+// The library never releases a lock it did not take: it unlocks only the exact
+// keys it locked on the same session, or ends the session; it never calls
+// pg_advisory_unlock_all. Applications must not either (nor DISCARD ALL) on
+// connections from the connector, and must reach the old database through a
+// session-mode pool if any, since transaction-mode pooling loses session locks.
+const (
+	lockConn  int32 = 1
+	lockExec  int32 = 2
+	lockSetup int32 = 3
+)
+
+// lockKeys derives the advisory lock keys of one namespace.
+type lockKeys struct{ space int32 }
+
+func newLockKeys(namespace string) lockKeys {
+	h := fnv.New32a()
+	h.Write([]byte("swo:" + namespace))
+	return lockKeys{space: int32(h.Sum32())}
+}
+
+func (k lockKeys) pair(lock int32) [2]int32 { return [2]int32{k.space, lock} }
+
+// connSharedSQL takes the connection lock in shared mode. The keys are
+// literals so that it can share a simple-protocol round trip with the state
+// read that must follow it as a separate statement.
+func (k lockKeys) connSharedSQL() string {
+	return fmt.Sprintf("SELECT pg_advisory_lock_shared(%d, %d)", k.space, lockConn)
+}
