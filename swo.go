@@ -63,6 +63,20 @@ type Config struct {
 	APIOnly bool
 	// Logger receives structured logs. Default slog.Default().
 	Logger *slog.Logger
+
+	// ExcludeTables lists tables that are not moved: "schema.table", where
+	// either part may be "*"; a bare name matches that table in any schema.
+	// Foreign keys between excluded and moved tables are refused.
+	ExcludeTables []string
+	// AllowClearTarget lets RESET and EXECUTE clear tables of the new
+	// database that hold rows differing from the old database's. By default
+	// such a target is refused, naming the tables.
+	AllowClearTarget bool
+	// SyncWorkers is the number of parallel copy streams. Default 4.
+	SyncWorkers int
+	// CaptureTimeout bounds the wait for the application's transactions when
+	// change capture is installed or removed. Default 30s.
+	CaptureTimeout time.Duration
 }
 
 // ErrObsolete is returned (wrapped) by NewConnector and Connect when a database

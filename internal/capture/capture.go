@@ -1,0 +1,350 @@
+// Package capture records which rows change in the source database while the
+// data is copied, with plain triggers (no superuser, no wal_level change), so
+// that the incremental sync can bring those rows over.
+//
+// What is installed, all in the library's schema unless noted:
+//
+//   - changes: an UNLOGGED table of (id, tbl, k): the source table's oid and
+//     the text form of the changed row's primary key. An UPDATE that changes
+//     the key records both keys. Rows are written by the triggers and
+//     consumed (deleted) by the sync.
+//   - capture_alive: an UNLOGGED table holding one row. Crash recovery
+//     empties unlogged tables; a missing row means changes were lost and the
+//     run must start again.
+//   - capture_<oid>(): one trigger function per table, with static SQL, and
+//     on each table (in its own schema) the row trigger "<ns>_capture" AFTER
+//     INSERT OR UPDATE OR DELETE, and "<ns>_capture_truncate" BEFORE TRUNCATE,
+//     which refuses TRUNCATE while a switchover is in progress.
+//
+// Row triggers, not statement triggers with transition tables: a statement on
+// an inheritance parent or a partitioned table fires statement triggers on the
+// named table only, while row triggers fire on the table that holds the row.
+//
+// Why no write escapes capture. CREATE TRIGGER takes a SHARE ROW EXCLUSIVE
+// lock on the table, which waits for every transaction that has written to it
+// (those hold ROW EXCLUSIVE until they end). Each table's trigger is installed
+// in a transaction of its own, so no lock cycle can form with the
+// application's transactions. Once Install returns, every write to a synced
+// table either committed before its table's trigger did, and is therefore
+// visible to any snapshot taken afterwards (the initial copy's), or runs with
+// the trigger and is recorded. Waiting for the application's transactions is
+// bounded: the lock is requested with a short lock_timeout (so the
+// application's queries never queue behind it for long) and retried until
+// Options.Timeout, after which Install fails naming the sessions in the way.
+//
+// Key text is produced by each type's output function. For types whose text
+// depends on session settings (dates, times, intervals, floats, bytea, money)
+// the trigger function pins those settings, so that the key reads back the
+// same in the sync's session.
+package capture
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgswo/swo/internal/schema"
+)
+
+// Capture installs and removes change capture in one database.
+type Capture struct {
+	Schema string // the library's schema (also the prefix of trigger names)
+}
+
+// Options tune installation and removal.
+type Options struct {
+	// LockTimeout bounds each attempt to lock a table for trigger DDL, and so
+	// how long the application's queries on that table may queue behind it.
+	LockTimeout time.Duration
+	// Timeout bounds the whole wait for transactions in the way.
+	Timeout time.Duration
+}
+
+func (o Options) withDefaults() Options {
+	if o.LockTimeout <= 0 {
+		o.LockTimeout = 200 * time.Millisecond
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = 30 * time.Second
+	}
+	return o
+}
+
+// ErrBlocked is wrapped when sessions kept capture from being installed or removed in time.
+var ErrBlocked = errors.New("blocked by other sessions")
+
+// ErrLost is returned by Alive when captured changes were lost (crash recovery).
+var ErrLost = errors.New("captured changes were lost (the old database restarted after a crash): RESET and EXECUTE again")
+
+func (c Capture) q(name string) string { return pgx.Identifier{c.Schema, name}.Sanitize() }
+
+// ChangesTable is the qualified name of the change table.
+func (c Capture) ChangesTable() string { return c.q("changes") }
+
+func (c Capture) triggerName() string  { return c.Schema + "_capture" }
+func (c Capture) truncateName() string { return c.Schema + "_capture_truncate" }
+
+// Install creates the change table and the triggers on every table.
+func (c Capture) Install(ctx context.Context, conn *pgx.Conn, tables []*schema.Table, opts Options) error {
+	opts = opts.withDefaults()
+	_, err := conn.Exec(ctx, fmt.Sprintf(`
+CREATE UNLOGGED TABLE IF NOT EXISTS %[1]s (
+	id  bigint GENERATED ALWAYS AS IDENTITY,
+	tbl oid NOT NULL,
+	k   text[] NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_id ON %[1]s (id);
+CREATE UNLOGGED TABLE IF NOT EXISTS %[2]s (alive boolean PRIMARY KEY);
+INSERT INTO %[2]s VALUES (true) ON CONFLICT DO NOTHING;
+CREATE OR REPLACE FUNCTION %[3]s() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+	RAISE EXCEPTION 'swo: TRUNCATE of %%.%% refused: a database switchover is in progress (use DELETE, or RESET the switchover first)', TG_TABLE_SCHEMA, TG_TABLE_NAME
+		USING ERRCODE = 'object_not_in_prerequisite_state';
+END $f$;`, c.q("changes"), c.q("capture_alive"), c.q("capture_truncate")))
+	if err != nil {
+		return fmt.Errorf("create change table: %w", err)
+	}
+	deadline := time.Now().Add(opts.Timeout)
+	for _, t := range tables {
+		ddl := c.tableDDL(t)
+		if err := withLockRetry(ctx, conn, t, opts.LockTimeout, deadline, ddl); err != nil {
+			return fmt.Errorf("install change capture on %s: %w", t, err)
+		}
+	}
+	return nil
+}
+
+// tableDDL is the trigger function and triggers for one table.
+func (c Capture) tableDDL(t *schema.Table) string {
+	key := func(rec string) string {
+		parts := make([]string, len(t.PrimaryKey))
+		for i, col := range t.PrimaryKey {
+			parts[i] = rec + "." + pgx.Identifier{col}.Sanitize() + "::text"
+		}
+		return "ARRAY[" + strings.Join(parts, ", ") + "]"
+	}
+	rowOf := func(rec string) string {
+		parts := make([]string, len(t.PrimaryKey))
+		for i, col := range t.PrimaryKey {
+			parts[i] = rec + "." + pgx.Identifier{col}.Sanitize()
+		}
+		return "ROW(" + strings.Join(parts, ", ") + ")"
+	}
+	ins := func(rec string) string {
+		return fmt.Sprintf("INSERT INTO %s (tbl, k) VALUES (%d, %s);", c.q("changes"), t.OID, key(rec))
+	}
+	fn := c.q(fmt.Sprintf("capture_%d", t.OID))
+	return fmt.Sprintf(`
+CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql%[2]s AS $f$
+BEGIN
+	IF TG_OP = 'DELETE' THEN
+		%[3]s
+	ELSE
+		%[4]s
+		IF TG_OP = 'UPDATE' AND %[5]s IS DISTINCT FROM %[6]s THEN
+			%[3]s
+		END IF;
+	END IF;
+	RETURN NULL;
+END $f$;
+DROP TRIGGER IF EXISTS %[7]s ON %[9]s;
+CREATE TRIGGER %[7]s AFTER INSERT OR UPDATE OR DELETE ON %[9]s FOR EACH ROW EXECUTE FUNCTION %[1]s();
+DROP TRIGGER IF EXISTS %[8]s ON %[9]s;
+CREATE TRIGGER %[8]s BEFORE TRUNCATE ON %[9]s FOR EACH STATEMENT EXECUTE FUNCTION %[10]s();`,
+		fn, pinSettings(t), ins("OLD"), ins("NEW"), rowOf("OLD"), rowOf("NEW"),
+		pgx.Identifier{c.triggerName()}.Sanitize(), pgx.Identifier{c.truncateName()}.Sanitize(), t.QName(), c.q("capture_truncate"))
+}
+
+// pinSettings returns SET clauses for a trigger function whose key text
+// would otherwise depend on the writing session's settings.
+func pinSettings(t *schema.Table) string {
+	need := false
+	for _, col := range t.PrimaryKey {
+		c, _ := t.Column(col)
+		switch strings.TrimSuffix(strings.SplitN(c.Type, "(", 2)[0], "[]") {
+		case "date", "timestamp without time zone", "timestamp with time zone", "time without time zone",
+			"time with time zone", "interval", "real", "double precision", "bytea", "money":
+			need = true
+		}
+	}
+	if !need {
+		return ""
+	}
+	return "\n\tSET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' SET TimeZone = 'UTC'"
+}
+
+// Remove drops every trigger and function the library installed in this
+// database and the change table. It is idempotent and removes capture even
+// from tables that are no longer synced.
+func (c Capture) Remove(ctx context.Context, conn *pgx.Conn, opts Options) error {
+	opts = opts.withDefaults()
+	rows, err := conn.Query(ctx, `
+SELECT tg.tgrelid, n.nspname, cl.relname, tg.tgname
+FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
+JOIN pg_class cl ON cl.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = cl.relnamespace
+WHERE pn.nspname = $1 AND tg.tgname IN ($2, $3)
+ORDER BY tg.tgrelid`, c.Schema, c.triggerName(), c.truncateName())
+	if err != nil {
+		return fmt.Errorf("list capture triggers: %w", err)
+	}
+	type trig struct {
+		oid           uint32
+		schema, table string
+		name          string
+	}
+	trigs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (trig, error) {
+		var t trig
+		return t, r.Scan(&t.oid, &t.schema, &t.table, &t.name)
+	})
+	if err != nil {
+		return fmt.Errorf("list capture triggers: %w", err)
+	}
+	byTable := map[uint32][]trig{}
+	var order []uint32
+	for _, t := range trigs {
+		if _, ok := byTable[t.oid]; !ok {
+			order = append(order, t.oid)
+		}
+		byTable[t.oid] = append(byTable[t.oid], t)
+	}
+	deadline := time.Now().Add(opts.Timeout)
+	for _, oid := range order {
+		ts := byTable[oid]
+		tbl := &schema.Table{OID: oid, Schema: ts[0].schema, Name: ts[0].table}
+		var ddl strings.Builder
+		for _, t := range ts {
+			fmt.Fprintf(&ddl, "DROP TRIGGER IF EXISTS %s ON %s;\n", pgx.Identifier{t.name}.Sanitize(), tbl.QName())
+		}
+		if err := withLockRetry(ctx, conn, tbl, opts.LockTimeout, deadline, ddl.String()); err != nil {
+			return fmt.Errorf("remove change capture from %s: %w", tbl, err)
+		}
+	}
+	rows, err = conn.Query(ctx, `
+SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = $1 AND (p.proname LIKE 'capture\_%' OR p.proname = 'capture_truncate')`, c.Schema)
+	if err != nil {
+		return err
+	}
+	fns, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return err
+	}
+	var ddl strings.Builder
+	for _, fn := range fns {
+		fmt.Fprintf(&ddl, "DROP FUNCTION IF EXISTS %s;\n", fn)
+	}
+	fmt.Fprintf(&ddl, "DROP TABLE IF EXISTS %s; DROP TABLE IF EXISTS %s;", c.q("changes"), c.q("capture_alive"))
+	if _, err := conn.Exec(ctx, ddl.String()); err != nil {
+		return fmt.Errorf("remove capture functions and tables: %w", err)
+	}
+	return nil
+}
+
+// Installed lists the oids of tables that carry the capture trigger.
+func (c Capture) Installed(ctx context.Context, conn *pgx.Conn) ([]uint32, error) {
+	rows, err := conn.Query(ctx, `SELECT tgrelid FROM pg_trigger WHERE tgname = $1 ORDER BY 1`, c.triggerName())
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[uint32])
+}
+
+// Alive returns ErrLost if the change table lost its content in crash
+// recovery, and nil if capture is intact.
+func (c Capture) Alive(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}) error {
+	var alive bool
+	err := q.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+c.q("capture_alive")+")").Scan(&alive)
+	if err != nil {
+		return fmt.Errorf("check change capture: %w", err)
+	}
+	if !alive {
+		return ErrLost
+	}
+	return nil
+}
+
+// RejectWrites makes, inside the caller's transaction, every captured write
+// fail from now on with message: the obsolete mark's enforcement. Writers
+// that were blocked on the change table when the transaction commits fail
+// too, because the trigger is part of the table's definition that they load
+// once they get the lock.
+func (c Capture) RejectWrites(ctx context.Context, tx pgx.Tx, message string) error {
+	msg := strings.ReplaceAll(message, "'", "''")
+	_, err := tx.Exec(ctx, fmt.Sprintf(`
+CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+	RAISE EXCEPTION '%[2]s' USING ERRCODE = 'read_only_sql_transaction';
+END $f$;
+CREATE TRIGGER obsolete BEFORE INSERT ON %[3]s FOR EACH STATEMENT EXECUTE FUNCTION %[1]s();
+CREATE OR REPLACE FUNCTION %[4]s() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+	RAISE EXCEPTION '%[2]s' USING ERRCODE = 'read_only_sql_transaction';
+END $f$;`, c.q("obsolete"), msg, c.q("changes"), c.q("capture_truncate")))
+	return err
+}
+
+// withLockRetry runs ddl in its own transaction with a short lock_timeout,
+// retrying lock timeouts and deadlocks until deadline; then it fails naming
+// the sessions that hold locks on the table.
+func withLockRetry(ctx context.Context, conn *pgx.Conn, t *schema.Table, lockTimeout time.Duration, deadline time.Time, ddl string) error {
+	backoff := 10 * time.Millisecond
+	for {
+		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = '%dms'", lockTimeout.Milliseconds())); err != nil {
+				return err
+			}
+			_, err := tx.Exec(ctx, ddl)
+			return err
+		})
+		if err == nil {
+			return nil
+		}
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) || (pgErr.Code != "55P03" && pgErr.Code != "40P01") {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w: %s", ErrBlocked, Blockers(ctx, conn, t.OID))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 500*time.Millisecond)
+	}
+}
+
+// Blockers describes the sessions holding locks on a table (other than the
+// caller's), for error messages that tell the operator whom to wait for.
+func Blockers(ctx context.Context, conn *pgx.Conn, relid uint32) string {
+	rows, err := conn.Query(ctx, `
+SELECT DISTINCT a.pid, coalesce(a.application_name, ''), coalesce(a.usename::text, ''), coalesce(a.state, ''),
+	coalesce(to_char(now() - a.xact_start, 'HH24:MI:SS'), ''), left(coalesce(a.query, ''), 80)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.relation = $1 AND l.granted AND l.pid <> pg_backend_pid()
+ORDER BY a.pid`, relid)
+	if err != nil {
+		return "could not list them: " + err.Error()
+	}
+	var out []string
+	for rows.Next() {
+		var pid int32
+		var app, user, state, age, query string
+		if err := rows.Scan(&pid, &app, &user, &state, &age, &query); err != nil {
+			return "could not list them: " + err.Error()
+		}
+		out = append(out, fmt.Sprintf("pid %d (user %q, application_name %q, %s, transaction open for %s, last query %q)", pid, user, app, state, age, query))
+	}
+	if len(out) == 0 {
+		return "sessions holding locks on the table (they have ended since)"
+	}
+	return "sessions holding locks on the table: " + strings.Join(out, "; ") + ": let them finish (or end them) and RESET"
+}

@@ -1,0 +1,182 @@
+package replicate
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"regexp"
+	"sort"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/pgswo/swo/internal/schema"
+)
+
+// unit is one stream of the initial copy: a whole table, or a range of its
+// pages (large tables on servers with TID range scans, PostgreSQL 14+).
+type unit struct {
+	src, dst *schema.Table
+	lo, hi   int64 // page range [lo, hi); hi < 0: to the end
+	whole    bool
+	weight   int64
+}
+
+// plan splits the tables into units, largest first.
+func (e *Engine) plan() []unit {
+	var totalPages int64
+	for _, t := range e.Source.Tables {
+		totalPages += t.Pages
+	}
+	chunk := max(totalPages/int64(e.workers()*4), 2048) // at least 16 MB of pages
+	var units []unit
+	for _, t := range e.Source.Tables {
+		d := e.target(t)
+		if e.Source.Version < 140000 || t.Pages <= chunk {
+			units = append(units, unit{src: t, dst: d, whole: true, weight: t.Pages})
+			continue
+		}
+		for lo := int64(0); lo < t.Pages; lo += chunk {
+			hi := lo + chunk
+			if hi >= t.Pages {
+				hi = -1 // the last range is open: the table may have grown since relpages was counted
+			}
+			units = append(units, unit{src: t, dst: d, lo: lo, hi: hi, weight: chunk})
+		}
+	}
+	sort.SliceStable(units, func(i, j int) bool { return units[i].weight > units[j].weight })
+	return units
+}
+
+func (u unit) sourceSQL() string {
+	cols := columnList(u.src.WritableColumns(), "")
+	if u.whole {
+		return fmt.Sprintf("COPY %s (%s) TO STDOUT", u.src.QName(), cols)
+	}
+	where := fmt.Sprintf("ctid >= '(%d,0)'::tid", u.lo)
+	if u.hi >= 0 {
+		where += fmt.Sprintf(" AND ctid < '(%d,0)'::tid", u.hi)
+	}
+	return fmt.Sprintf("COPY (SELECT %s FROM ONLY %s WHERE %s) TO STDOUT", cols, u.src.QName(), where)
+}
+
+var snapshotRE = regexp.MustCompile(`^[0-9A-Fa-f-]+$`)
+
+// InitialCopy copies every table from one exported snapshot of the source
+// into the prepared target, Workers streams at a time. Change capture must be
+// installed before it starts: the snapshot is taken after, so every write is
+// either in the copy or captured (or both, which is harmless). Changes
+// captured before the snapshot are already in the copy and are discarded.
+func (e *Engine) InitialCopy(ctx context.Context) error {
+	coord, err := Connect(ctx, e.Src)
+	if err != nil {
+		return err
+	}
+	defer coord.Close(context.Background())
+	tx, err := coord.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(context.Background()) //nolint:errcheck
+	if err := e.capture().Alive(ctx, tx); err != nil {
+		return err
+	}
+	var snap string
+	if err := tx.QueryRow(ctx, "SELECT pg_export_snapshot()").Scan(&snap); err != nil {
+		return fmt.Errorf("export snapshot: %w", err)
+	}
+	if !snapshotRE.MatchString(snap) {
+		return fmt.Errorf("unexpected snapshot id %q", snap)
+	}
+
+	var rows, bytes int64
+	for _, t := range e.Source.Tables {
+		rows += max(t.RowsEstimate, 0)
+		bytes += t.Bytes
+	}
+	e.progress().SetPhase("initial copy", rows, bytes)
+	units := e.plan()
+	work := make(chan unit)
+	g, gctx := errgroup.WithContext(ctx)
+	for i := 0; i < min(e.workers(), len(units)); i++ {
+		g.Go(func() error { return e.copyWorker(gctx, snap, work) })
+	}
+	g.Go(func() error {
+		defer close(work)
+		for _, u := range units {
+			select {
+			case work <- u:
+			case <-gctx.Done():
+				return gctx.Err()
+			}
+		}
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		return fmt.Errorf("initial copy: %w", err)
+	}
+	if _, err := tx.Exec(ctx, "DELETE FROM "+e.capture().ChangesTable()); err != nil {
+		return err
+	}
+	return tx.Commit(ctx)
+}
+
+func (e *Engine) copyWorker(ctx context.Context, snap string, work <-chan unit) error {
+	src, err := Connect(ctx, e.Src)
+	if err != nil {
+		return err
+	}
+	defer src.Close(context.Background())
+	dst, err := Connect(ctx, e.Dst)
+	if err != nil {
+		return err
+	}
+	defer dst.Close(context.Background())
+	// The target's rows are only trusted once the whole run succeeds; any
+	// crash fails the run, so the bulk load need not wait for its WAL flush.
+	if _, err := dst.Exec(ctx, "SET synchronous_commit = off"); err != nil {
+		return err
+	}
+	if err := src.PgConn().Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '"+snap+"'").Close(); err != nil {
+		return fmt.Errorf("import snapshot: %w", err)
+	}
+	for u := range work {
+		e.progress().SetTable(u.src.String())
+		dstSQL := fmt.Sprintf("COPY %s (%s) FROM STDIN", u.dst.QName(), columnList(u.src.WritableColumns(), ""))
+		if _, err := pipeCopy(ctx, src.PgConn(), u.sourceSQL(), dst.PgConn(), dstSQL, e.progress()); err != nil {
+			return fmt.Errorf("copy %s: %w", u.src, err)
+		}
+	}
+	return src.PgConn().Exec(ctx, "COMMIT").Close()
+}
+
+// pipeCopy streams COPY ... TO STDOUT on src into COPY ... FROM STDIN on dst,
+// through a 64 KiB buffer: memory stays flat whatever the size. It returns
+// the rows written.
+func pipeCopy(ctx context.Context, src *pgconn.PgConn, srcSQL string, dst *pgconn.PgConn, dstSQL string, p *Progress) (int64, error) {
+	pr, pw := io.Pipe()
+	srcErr := make(chan error, 1)
+	go func() {
+		bw := bufio.NewWriterSize(countingWriter{w: pw, p: p}, 64<<10)
+		_, err := src.CopyTo(ctx, bw, srcSQL)
+		if err == nil {
+			err = bw.Flush()
+		}
+		pw.CloseWithError(err) // nil: the reader sees EOF
+		srcErr <- err
+	}()
+	tag, err := dst.CopyFrom(ctx, pr, dstSQL)
+	if err != nil {
+		pr.CloseWithError(errors.New("copy into the target failed"))
+	}
+	if serr := <-srcErr; serr != nil && err == nil {
+		err = fmt.Errorf("read from the source: %w", serr)
+	}
+	if err != nil {
+		return 0, err
+	}
+	return tag.RowsAffected(), nil
+}

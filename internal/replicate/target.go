@@ -1,0 +1,371 @@
+package replicate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/pgswo/swo/internal/schema"
+)
+
+// Undo record kinds, in the order Undo applies them.
+const (
+	undoTruncate   = "truncate"   // a table the run loaded: emptied on abort
+	undoConstraint = "constraint" // primary key, unique or exclusion constraint
+	undoIndex      = "index"      // plain index
+	undoFK         = "fk"         // foreign key
+	undoTrigger    = "trigger"    // user trigger to enable again
+	undoValidate   = "validate"   // foreign key re-added NOT VALID, still to validate
+)
+
+// undoTable creates the target's undo table. Every object the engine drops or
+// disables on the target is recorded there, in the same transaction, with the
+// statement that restores it; each restoration deletes its record in its own
+// transaction. So whatever fails or dies, Undo can put the target back.
+func (e *Engine) undoTable() string {
+	return fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %s (
+	id      serial PRIMARY KEY,
+	tbl     text NOT NULL,
+	kind    text NOT NULL,
+	name    text NOT NULL,
+	restore text NOT NULL
+)`, e.q("target_undo"))
+}
+
+type undoRecord struct {
+	id                       int32
+	tbl, kind, name, restore string // tbl: quoted qualified name
+}
+
+func (e *Engine) undoRecords(ctx context.Context, conn *pgx.Conn, kinds ...string) ([]undoRecord, error) {
+	if _, err := conn.Exec(ctx, e.undoTable()); err != nil {
+		return nil, err
+	}
+	rows, err := conn.Query(ctx, "SELECT id, tbl, kind, name, restore FROM "+e.q("target_undo")+" WHERE kind = ANY($1) ORDER BY id", kinds)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (undoRecord, error) {
+		var u undoRecord
+		return u, r.Scan(&u.id, &u.tbl, &u.kind, &u.name, &u.restore)
+	})
+}
+
+// Prepare readies the target for the initial copy (see the package doc):
+// records and drops foreign keys, key, unique and exclusion constraints and
+// indexes, disables user triggers, and truncates the tables. keep names the
+// tables whose content was already identical to the source's: an abort
+// leaves their (copied) rows in place instead of emptying them. also are
+// statements to run in the same transaction (the caller's marks).
+func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, keep map[string]bool, also ...string) error {
+	pending, err := e.undoRecords(ctx, conn, undoTruncate, undoConstraint, undoIndex, undoFK, undoTrigger, undoValidate)
+	if err != nil {
+		return fmt.Errorf("prepare target: %w", err)
+	}
+	if len(pending) > 0 {
+		return fmt.Errorf("prepare target: %d objects of an earlier run are still to be restored: RESET first", len(pending))
+	}
+	b := &pgx.Batch{}
+	record := func(t *schema.Table, kind, name, restore, action string) {
+		b.Queue("INSERT INTO "+e.q("target_undo")+" (tbl, kind, name, restore) VALUES ($1, $2, $3, $4)", t.QName(), kind, name, restore)
+		if action != "" {
+			b.Queue(action)
+		}
+	}
+	var targets []*schema.Table
+	for _, s := range e.Source.Tables {
+		targets = append(targets, e.target(s))
+	}
+	for _, t := range targets { // foreign keys first: they depend on the keys dropped next
+		for _, c := range t.ForeignKeys() {
+			record(t, undoFK, c.Name, addConstraint(t, c), dropConstraint(t, c))
+		}
+	}
+	for _, t := range targets {
+		for _, c := range t.Constraints {
+			switch c.Kind {
+			case 'p', 'u', 'x':
+				record(t, undoConstraint, c.Name, restoreKey(t, c), dropConstraint(t, c))
+			}
+		}
+		if !t.Partition {
+			for _, ix := range t.Indexes {
+				record(t, undoIndex, ix.Name, ix.Def, "DROP INDEX "+pgx.Identifier{t.Schema, ix.Name}.Sanitize())
+			}
+		}
+		for _, tg := range t.Triggers {
+			if tg.Enabled == 'D' {
+				continue
+			}
+			mode := map[byte]string{'O': "", 'R': "REPLICA ", 'A': "ALWAYS "}[tg.Enabled]
+			name := pgx.Identifier{tg.Name}.Sanitize()
+			record(t, undoTrigger, tg.Name,
+				fmt.Sprintf("ALTER TABLE %s ENABLE %sTRIGGER %s", t.QName(), mode, name),
+				fmt.Sprintf("ALTER TABLE %s DISABLE TRIGGER %s", t.QName(), name))
+		}
+	}
+	names := make([]string, len(targets))
+	for i, t := range targets {
+		names[i] = t.QName()
+		if !keep[t.String()] {
+			record(t, undoTruncate, t.String(), "TRUNCATE "+t.QName(), "")
+		}
+	}
+	if len(names) > 0 {
+		b.Queue("TRUNCATE " + strings.Join(names, ", "))
+	}
+	for _, sql := range also {
+		b.Queue(sql)
+	}
+	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		return tx.SendBatch(ctx, b).Close()
+	})
+	if err != nil {
+		return fmt.Errorf("prepare target: %w", err)
+	}
+	return nil
+}
+
+func dropConstraint(t *schema.Table, c schema.Constraint) string {
+	return fmt.Sprintf("ALTER TABLE %s DROP CONSTRAINT %s", t.QName(), pgx.Identifier{c.Name}.Sanitize())
+}
+
+func addConstraint(t *schema.Table, c schema.Constraint) string {
+	return fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s %s", t.QName(), pgx.Identifier{c.Name}.Sanitize(), c.Def)
+}
+
+// restoreKey rebuilds a key constraint: for primary keys and unique
+// constraints, the index first (a CREATE INDEX, which can run beside others
+// on the same table) and then the constraint on it (a catalog change).
+func restoreKey(t *schema.Table, c schema.Constraint) string {
+	if c.Kind == 'x' || c.IndexDef == "" {
+		return addConstraint(t, c)
+	}
+	kind := "PRIMARY KEY"
+	if c.Kind == 'u' {
+		kind = "UNIQUE"
+	}
+	attrs := ""
+	if c.Deferrable {
+		attrs = " DEFERRABLE"
+		if c.Deferred {
+			attrs += " INITIALLY DEFERRED"
+		}
+	}
+	name := pgx.Identifier{c.Name}.Sanitize()
+	return fmt.Sprintf("%s;\nALTER TABLE %s ADD CONSTRAINT %s %s USING INDEX %s%s", c.IndexDef, t.QName(), name, kind, name, attrs)
+}
+
+// RebuildIndexes restores the key constraints and indexes dropped by Prepare,
+// tables in parallel.
+func (e *Engine) RebuildIndexes(ctx context.Context) error {
+	conn, err := Connect(ctx, e.Dst)
+	if err != nil {
+		return err
+	}
+	recs, err := e.undoRecords(ctx, conn, undoConstraint, undoIndex)
+	conn.Close(context.Background())
+	if err != nil {
+		return fmt.Errorf("rebuild indexes: %w", err)
+	}
+	return e.restoreParallel(ctx, recs, "rebuild indexes")
+}
+
+// restoreParallel applies undo records, one table per worker at a time.
+func (e *Engine) restoreParallel(ctx context.Context, recs []undoRecord, what string) error {
+	byTable := map[string][]undoRecord{}
+	var order []string
+	for _, r := range recs {
+		if _, ok := byTable[r.tbl]; !ok {
+			order = append(order, r.tbl)
+		}
+		byTable[r.tbl] = append(byTable[r.tbl], r)
+	}
+	e.progress().SetPhase(what, int64(len(recs)), 0)
+	work := make(chan string)
+	g, gctx := errgroup.WithContext(ctx)
+	for i := 0; i < min(e.workers(), len(order)); i++ {
+		g.Go(func() error {
+			conn, err := Connect(gctx, e.Dst)
+			if err != nil {
+				return err
+			}
+			defer conn.Close(context.Background())
+			mem := e.MaintenanceWorkMem
+			if mem == "" {
+				mem = "128MB"
+			}
+			if _, err := conn.Exec(gctx, "SELECT set_config('maintenance_work_mem', $1, false)", mem); err != nil {
+				return err
+			}
+			for tbl := range work {
+				e.progress().SetTable(tbl)
+				for _, r := range byTable[tbl] {
+					if err := e.applyUndo(gctx, conn, r); err != nil {
+						return fmt.Errorf("%s: %s %s on %s: %w", what, r.kind, r.name, r.tbl, err)
+					}
+					e.progress().Add(1, 0)
+				}
+			}
+			return nil
+		})
+	}
+	g.Go(func() error {
+		defer close(work)
+		for _, tbl := range order {
+			select {
+			case work <- tbl:
+			case <-gctx.Done():
+				return gctx.Err()
+			}
+		}
+		return nil
+	})
+	return g.Wait()
+}
+
+// applyUndo runs one record's restore statement and deletes the record, in
+// one transaction.
+func (e *Engine) applyUndo(ctx context.Context, conn *pgx.Conn, r undoRecord) error {
+	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, r.restore); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "DELETE FROM "+e.q("target_undo")+" WHERE id = $1", r.id)
+		return err
+	})
+}
+
+// finishTarget runs inside the final target transaction: foreign keys come
+// back NOT VALID (checked for new rows from now on, existing rows validated
+// after the switch) and triggers are enabled again. The records of loaded
+// tables stay until Finish: if the switch does not commit after all, an
+// abort still empties them.
+func (e *Engine) finishTarget(ctx context.Context, tx pgx.Tx) error {
+	rows, err := tx.Query(ctx, "SELECT id, tbl, kind, name, restore FROM "+e.q("target_undo")+" WHERE kind = ANY($1) ORDER BY id",
+		[]string{undoFK, undoTrigger})
+	if err != nil {
+		return err
+	}
+	recs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (undoRecord, error) {
+		var u undoRecord
+		return u, r.Scan(&u.id, &u.tbl, &u.kind, &u.name, &u.restore)
+	})
+	if err != nil {
+		return err
+	}
+	b := &pgx.Batch{}
+	for _, r := range recs {
+		switch r.kind {
+		case undoFK:
+			b.Queue(r.restore + " NOT VALID")
+			validate := fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", r.tbl, pgx.Identifier{r.name}.Sanitize())
+			b.Queue("INSERT INTO "+e.q("target_undo")+" (tbl, kind, name, restore) VALUES ($1, $2, $3, $4)", r.tbl, undoValidate, r.name, validate)
+		case undoTrigger:
+			b.Queue(r.restore)
+		}
+	}
+	b.Queue("DELETE FROM "+e.q("target_undo")+" WHERE kind = ANY($1)", []string{undoFK, undoTrigger})
+	return tx.SendBatch(ctx, b).Close()
+}
+
+// Finish runs after the switch committed: the target is live, its loaded
+// tables are no longer the run's to empty, and the foreign keys re-added NOT
+// VALID by the final sync are validated. VALIDATE CONSTRAINT takes SHARE
+// UPDATE EXCLUSIVE locks, which do not block the application's reads or
+// writes.
+func (e *Engine) Finish(ctx context.Context) error {
+	conn, err := Connect(ctx, e.Dst)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, "DELETE FROM "+e.q("target_undo")+" WHERE kind = $1", undoTruncate); err != nil {
+		return err
+	}
+	recs, err := e.undoRecords(ctx, conn, undoValidate)
+	if err != nil {
+		return err
+	}
+	for _, r := range recs {
+		if err := e.applyUndo(ctx, conn, r); err != nil {
+			return fmt.Errorf("validate foreign key %s on %s: %w", r.name, r.tbl, err)
+		}
+	}
+	return nil
+}
+
+// Undo puts the target back as it was before Prepare: it empties the tables
+// the run loaded (but those kept), restores keys, indexes and foreign keys,
+// enables the triggers, and validates pending foreign keys. It is idempotent
+// and needs nothing but the target's undo table, so it works after any
+// failure, on any node. The caller must make sure the switch did not commit:
+// after it, the target is the live database.
+func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string) error {
+	e := &Engine{Dst: dst, Schema: librarySchema}
+	conn, err := Connect(ctx, dst)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	var exists bool
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", librarySchema+".target_undo").Scan(&exists); err != nil {
+		return err
+	}
+	if !exists {
+		return nil
+	}
+	trunc, err := e.undoRecords(ctx, conn, undoTruncate)
+	if err != nil {
+		return err
+	}
+	if len(trunc) > 0 {
+		names := make([]string, len(trunc))
+		ids := make([]int32, len(trunc))
+		for i, r := range trunc {
+			names[i] = r.tbl
+			ids[i] = r.id
+		}
+		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, "TRUNCATE "+strings.Join(names, ", ")); err != nil {
+				return err
+			}
+			_, err := tx.Exec(ctx, "DELETE FROM "+e.q("target_undo")+" WHERE id = ANY($1)", ids)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("empty the tables loaded by the run: %w", err)
+		}
+	}
+	for _, kinds := range [][]string{{undoConstraint, undoIndex}, {undoFK}, {undoTrigger}, {undoValidate}} {
+		recs, err := e.undoRecords(ctx, conn, kinds...)
+		if err != nil {
+			return err
+		}
+		var errs []error
+		for _, r := range recs {
+			if err := e.applyUndo(ctx, conn, r); err != nil {
+				errs = append(errs, fmt.Errorf("restore %s %s on %s: %w", r.kind, r.name, r.tbl, err))
+			}
+		}
+		if err := errors.Join(errs...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Pending reports how many target objects are still to be restored (tests and Status).
+func Pending(ctx context.Context, conn *pgx.Conn, librarySchema string) (int, error) {
+	var exists bool
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", librarySchema+".target_undo").Scan(&exists); err != nil || !exists {
+		return 0, err
+	}
+	var n int
+	err := conn.QueryRow(ctx, "SELECT count(*) FROM "+pgx.Identifier{librarySchema, "target_undo"}.Sanitize()).Scan(&n)
+	return n, err
+}
