@@ -64,6 +64,10 @@ ALTER TABLE a ADD CONSTRAINT a_b FOREIGN KEY (b_id) REFERENCES b (id) DEFERRABLE
 CREATE TABLE tree (id int PRIMARY KEY, parent int REFERENCES tree (id) ON DELETE CASCADE, label text);
 CREATE SEQUENCE free_counter;
 CREATE TABLE events (id serial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(), payload jsonb, pairs pair[]);
+CREATE TABLE measurements (id int, region text, v int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+CREATE TABLE measurements_eu PARTITION OF measurements FOR VALUES IN ('eu');
+CREATE TABLE measurements_us PARTITION OF measurements FOR VALUES IN ('us');
+CREATE INDEX measurements_v ON measurements (v);
 `
 
 // awkwardTarget is the same schema in the new database with other column
@@ -103,6 +107,11 @@ CREATE FUNCTION no_writes() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE E
 CREATE TRIGGER guard BEFORE INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION no_writes();
 CREATE TRIGGER guard_off BEFORE INSERT ON tree FOR EACH ROW EXECUTE FUNCTION no_writes();
 ALTER TABLE tree DISABLE TRIGGER guard_off;
+CREATE TABLE measurements (id int, region text, v int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+CREATE TABLE measurements_eu PARTITION OF measurements FOR VALUES IN ('eu');
+CREATE TABLE measurements_us PARTITION OF measurements FOR VALUES IN ('us');
+CREATE INDEX measurements_v ON measurements (v);
+CREATE TRIGGER guard_parted BEFORE INSERT ON measurements FOR EACH ROW EXECUTE FUNCTION no_writes();
 `
 
 const awkwardSeed = `
@@ -117,6 +126,7 @@ INSERT INTO tree VALUES (1, NULL, 'root');
 INSERT INTO tree SELECT i, i / 2, 'n' || i FROM generate_series(2, 200) i;
 SELECT nextval('free_counter') FROM generate_series(1, 42);
 INSERT INTO events (payload, pairs) SELECT jsonb_build_object('i', i), ARRAY[ROW(i, 'p')::pair, NULL] FROM generate_series(1, 100) i;
+INSERT INTO measurements SELECT i, (ARRAY['eu', 'us'])[1 + i % 2], i FROM generate_series(1, 100) i;
 `
 
 // syncPair makes an old and a next database with the awkward schema and a
@@ -202,8 +212,8 @@ func TestSyncAwkwardSchema(t *testing.T) {
 	old, next, c := syncPair(t, false)
 	runSync(t, c)
 	rep := verifyEqual(t, c)
-	if len(rep.Tables) != 7 {
-		t.Fatalf("verified %d tables, want 7: %+v", len(rep.Tables), rep.Tables)
+	if len(rep.Tables) != 9 {
+		t.Fatalf("verified %d tables, want 9: %+v", len(rep.Tables), rep.Tables)
 	}
 	ctx := testCtx(t)
 	nc := pgtest.Connect(t, next.URL)
@@ -253,8 +263,8 @@ func assertTargetIntact(t *testing.T, next *pgtest.Database) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if pk != 7 || uq != 1 || fk != 5 || notValid != 0 || ix != 1 || pending != 0 {
-		t.Fatalf("target schema: %d primary keys (want 7), %d unique (1), %d foreign keys (5), %d not validated (0), users_mood %d (1), %d undo records (0)",
+	if pk != 10 || uq != 1 || fk != 5 || notValid != 0 || ix != 1 || pending != 0 {
+		t.Fatalf("target schema: %d primary keys (want 10), %d unique (1), %d foreign keys (5), %d not validated (0), users_mood %d (1), %d undo records (0)",
 			pk, uq, fk, notValid, ix, pending)
 	}
 }
@@ -360,6 +370,10 @@ func (w *workload) run(seed int64) {
 			sqls = []string{"UPDATE billing.accounts SET balance = balance + 1 WHERE (tenant, num) = (SELECT tenant, num FROM billing.invoices ORDER BY random() LIMIT 1)"}
 		case 9:
 			sqls = []string{
+				// Row movement between partitions, and a write through the parent.
+				"UPDATE measurements SET region = CASE region WHEN 'eu' THEN 'us' ELSE 'eu' END, v = v + 1 WHERE id = (SELECT id FROM measurements ORDER BY random() LIMIT 1)",
+				fmt.Sprintf("INSERT INTO measurements VALUES (%d, 'eu', 0)", n),
+
 				fmt.Sprintf("INSERT INTO events (payload, pairs) VALUES ('{\"n\": %d}', ARRAY[ROW(%d, 'q')::pair])", n, n),
 				"SELECT nextval('free_counter')",
 				"UPDATE events SET payload = payload || '{\"u\": 1}' WHERE id = (SELECT id FROM events ORDER BY random() LIMIT 1)",
@@ -710,7 +724,8 @@ func targetShape(t *testing.T, d *pgtest.Database) string {
 		(SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes WHERE schemaname IN ('public', 'billing')) || ' | ' ||
 		(SELECT string_agg(tgname || ':' || tgenabled::text, ',' ORDER BY tgname) FROM pg_trigger WHERE NOT tgisinternal) || ' | ' ||
 		(SELECT count(*) FROM users) || ',' || (SELECT count(*) FROM billing.accounts) || ',' || (SELECT count(*) FROM billing.invoices) || ',' ||
-		(SELECT count(*) FROM a) || ',' || (SELECT count(*) FROM b) || ',' || (SELECT count(*) FROM tree) || ',' || (SELECT count(*) FROM events)`).Scan(&s)
+		(SELECT count(*) FROM a) || ',' || (SELECT count(*) FROM b) || ',' || (SELECT count(*) FROM tree) || ',' || (SELECT count(*) FROM events) || ',' ||
+		(SELECT count(*) FROM measurements)`).Scan(&s)
 	if err != nil {
 		t.Fatal(err)
 	}

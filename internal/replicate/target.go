@@ -82,11 +82,16 @@ func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, keep map[string]bo
 	}
 	for _, t := range targets { // foreign keys first: they depend on the keys dropped next
 		for _, c := range t.ForeignKeys() {
-			record(t, undoFK, c.Name, addConstraint(t, c), dropConstraint(t, c))
+			if !c.Inherited {
+				record(t, undoFK, c.Name, addConstraint(t, c), dropConstraint(t, c))
+			}
 		}
 	}
 	for _, t := range targets {
 		for _, c := range t.Constraints {
+			if c.Inherited {
+				continue // a partition's keys belong to its parent's: they stay in place
+			}
 			switch c.Kind {
 			case 'p', 'u', 'x':
 				record(t, undoConstraint, c.Name, restoreKey(t, c), dropConstraint(t, c))

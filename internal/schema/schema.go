@@ -41,6 +41,7 @@ type Constraint struct {
 	IndexDef   string // primary key and unique: pg_get_indexdef of the backing index
 	Deferrable bool
 	Deferred   bool
+	Inherited  bool // a partition's copy of its parent's constraint: it cannot be dropped alone
 	Columns    []string
 	RefTable   string // foreign keys: referenced table, qualified
 	RefColumns []string
@@ -263,13 +264,14 @@ ORDER BY a.attrelid, a.attnum`, oids)
 	rows, err = tx.Query(ctx, `
 SELECT con.conrelid, con.conname, con.contype, pg_get_constraintdef(con.oid),
 	CASE WHEN con.contype IN ('p', 'u') THEN pg_get_indexdef(con.conindid) ELSE '' END, con.condeferrable, con.condeferred,
+	con.conparentid <> 0,
 	ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
 	      JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.i)::text[],
 	CASE WHEN con.contype = 'f' THEN (SELECT rn.nspname || '.' || rc.relname FROM pg_class rc JOIN pg_namespace rn ON rn.oid = rc.relnamespace WHERE rc.oid = con.confrelid) END,
 	ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
 	      JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i)::text[]
 FROM pg_constraint con
-WHERE con.conrelid = ANY($1) AND con.contype IN ('p', 'u', 'f', 'x', 'c') AND con.conparentid = 0
+WHERE con.conrelid = ANY($1) AND con.contype IN ('p', 'u', 'f', 'x', 'c')
 ORDER BY con.conrelid, con.contype, con.conname`, oids)
 	if err != nil {
 		return nil, err
@@ -279,7 +281,7 @@ ORDER BY con.conrelid, con.contype, con.conname`, oids)
 		var c Constraint
 		var kind string
 		var ref *string
-		if err := rows.Scan(&oid, &c.Name, &kind, &c.Def, &c.IndexDef, &c.Deferrable, &c.Deferred, &c.Columns, &ref, &c.RefColumns); err != nil {
+		if err := rows.Scan(&oid, &c.Name, &kind, &c.Def, &c.IndexDef, &c.Deferrable, &c.Deferred, &c.Inherited, &c.Columns, &ref, &c.RefColumns); err != nil {
 			return nil, err
 		}
 		c.Kind = kind[0]
@@ -323,7 +325,7 @@ ORDER BY i.indrelid, ic.relname`, oids)
 	rows, err = tx.Query(ctx, `
 SELECT tg.tgrelid, tg.tgname, tg.tgenabled
 FROM pg_trigger tg
-WHERE tg.tgrelid = ANY($1) AND NOT tg.tgisinternal AND tg.tgparentid = 0
+WHERE tg.tgrelid = ANY($1) AND NOT tg.tgisinternal
 ORDER BY tg.tgrelid, tg.tgname`, oids)
 	if err != nil {
 		return nil, err
