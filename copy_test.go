@@ -390,7 +390,7 @@ func (w *workload) run(seed int64) {
 		if err != nil {
 			// Unique and foreign-key races between writers are the workload's
 			// own conflicts; anything else is a failure of the test.
-			if s := err.Error(); strings.Contains(s, "23505") || strings.Contains(s, "23503") || strings.Contains(s, "40P01") || strings.Contains(s, "23502") {
+			if s := err.Error(); strings.Contains(s, "23505") || strings.Contains(s, "23503") || strings.Contains(s, "40P01") || strings.Contains(s, "40001") || strings.Contains(s, "23502") {
 				continue
 			}
 			w.errs <- err
