@@ -20,7 +20,12 @@ import (
 	"github.com/pgswo/swo/internal/pgtest"
 )
 
-func TestMain(m *testing.M) { pgtest.Main(m) }
+func TestMain(m *testing.M) {
+	// Shorter heartbeats keep the fault tests quick; the timeout still leaves
+	// room for a loaded CI machine.
+	heartbeatEvery, nodeTimeout, pollEvery = 250*time.Millisecond, 3*time.Second, 250*time.Millisecond
+	pgtest.Main(m)
+}
 
 func testCtx(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -144,8 +149,8 @@ func TestNormalModeIsPassThrough(t *testing.T) {
 	if err := conn.QueryRowContext(testCtx(t), "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()").Scan(&app); err != nil {
 		t.Fatal(err)
 	}
-	if app != "swo:app:n1" {
-		t.Fatalf("application_name = %q, want swo:app:n1", app)
+	if app != "swo:app-normal:n1" {
+		t.Fatalf("application_name = %q, want swo:app-normal:n1", app)
 	}
 	// Normal mode creates nothing in the database.
 	var hasSchema bool

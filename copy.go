@@ -13,6 +13,7 @@ import (
 	"github.com/pgswo/swo/internal/capture"
 	"github.com/pgswo/swo/internal/dsn"
 	"github.com/pgswo/swo/internal/meta"
+	"github.com/pgswo/swo/internal/msglog"
 	"github.com/pgswo/swo/internal/replicate"
 	"github.com/pgswo/swo/internal/schema"
 )
@@ -287,4 +288,249 @@ func (c *Connector) Verify(ctx context.Context) (VerifyReport, error) {
 	rep, err := replicate.Verify(ctx, c.syncConfig(c.old), c.syncConfig(c.next),
 		source.Select(c.cfg.ExcludeTables), target.Select(c.cfg.ExcludeTables), c.cfg.SyncWorkers)
 	return rep, c.scrub(err)
+}
+
+// ---- The leader's run: sync, pause, final sync, commit ----
+
+// leaderRun is the execution this node leads.
+type leaderRun struct {
+	run      int64
+	cancel   context.CancelFunc
+	done     chan struct{}
+	progress *replicate.Progress
+}
+
+// Progress is the progress of a run's current phase (R11).
+type Progress = replicate.Snapshot
+
+// startLeading starts leading the run, unless already doing so.
+func (c *Connector) startLeading(run int64) {
+	c.leadMu.Lock()
+	defer c.leadMu.Unlock()
+	if c.closed.Load() || (c.leading != nil && c.leading.run == run) {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	lr := &leaderRun{run: run, cancel: cancel, done: make(chan struct{}), progress: &replicate.Progress{}}
+	c.leading = lr
+	go func() {
+		defer close(lr.done)
+		c.lead(ctx, lr)
+	}()
+}
+
+// stopLeading cancels the run this node leads (a RESET came, or Close): its
+// sessions end, which releases its locks; the resetter cleans up.
+func (c *Connector) stopLeading() {
+	c.leadMu.Lock()
+	lr := c.leading
+	c.leading = nil
+	c.leadMu.Unlock()
+	if lr != nil {
+		lr.cancel()
+		if c.closed.Load() {
+			<-lr.done
+		}
+	}
+}
+
+func (c *Connector) leaderProgress() *Progress {
+	c.leadMu.Lock()
+	defer c.leadMu.Unlock()
+	if c.leading == nil {
+		return nil
+	}
+	p := c.leading.progress.Snapshot()
+	return &p
+}
+
+// lead runs the execution and, if it fails (not cancelled), reports the
+// failure, which resumes every node on the old database, and cleans up.
+func (c *Connector) lead(ctx context.Context, lr *leaderRun) {
+	err := c.execute(ctx, lr)
+	if err == nil || ctx.Err() != nil {
+		return
+	}
+	err = c.scrub(err)
+	c.noteErr(fmt.Errorf("swo: execution failed: %w", err))
+	conn, cerr := c.connect(context.Background(), c.old, roleCtl)
+	if cerr != nil {
+		return // the nodes will notice this node's silence... or the old database is down: RESET later
+	}
+	defer conn.Close(context.Background())
+	_, aerr := c.msgs.Append(context.Background(), conn, c.id, msglog.KindFailed, lr.run, failedData{Error: err.Error()},
+		func(last *msglog.Message) error {
+			if last == nil || last.Run != lr.run || last.Kind == msglog.KindDone || last.Kind == msglog.KindFailed {
+				return errors.New("the run is over")
+			}
+			return nil
+		})
+	c.poke()
+	if aerr == nil {
+		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		if cerr := c.cleanup(cctx); cerr != nil {
+			c.noteErr(fmt.Errorf("swo: cleanup after the failed execution (RESET will retry): %w", cerr))
+		}
+	}
+}
+
+// execute is the leader's run. It holds the exec lock throughout, so that no
+// RESET cleans up under its feet and no other leader can run.
+func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
+	sess, err := c.connect(ctx, c.old, roleLock)
+	if err != nil {
+		return err
+	}
+	defer sess.Close(context.Background())
+	if err := c.keys.lockExclusive(ctx, sess, lockExec, 30*time.Second); err != nil {
+		return fmt.Errorf("take the execution lock (held by %s): %w", c.keys.holders(ctx, sess, lockExec), err)
+	}
+	stillRunning := func(kind string) func(*msglog.Message) error {
+		return func(last *msglog.Message) error {
+			if last == nil || last.Run != lr.run || last.Kind != kind {
+				return errors.New("the run was reset or failed meanwhile")
+			}
+			return nil
+		}
+	}
+
+	// Sync while the service runs.
+	r, err := c.check(ctx)
+	if err != nil {
+		return err
+	}
+	r.eng.Progress = lr.progress
+	for _, step := range []struct {
+		name string
+		fn   func(context.Context) error
+	}{
+		{"check the new database's content", r.checkTarget},
+		{"start change capture", r.startCapture},
+		{"prepare the new database", r.prepare},
+		{"initial copy", r.initialCopy},
+		{"incremental sync", r.catchUp},
+	} {
+		if err := step.fn(ctx); err != nil {
+			return fmt.Errorf("%s: %w", step.name, err)
+		}
+	}
+	dst, err := replicate.Connect(ctx, r.eng.Dst) // opened now: the pause should not wait for it
+	if err != nil {
+		return c.scrub(err)
+	}
+	defer dst.Close(context.Background())
+
+	// The pause: every node drains; the connection lock comes when the last
+	// application connection to the old database has gone.
+	budget, finalBudget := c.cfg.PauseBudget, c.cfg.FinalTimeout
+	lr.progress.SetPhase("pausing", 0, 0)
+	pauseStart := time.Now()
+	if _, err := c.msgs.Append(ctx, sess, c.id, msglog.KindPause, lr.run,
+		pauseData{BudgetMS: budget.Milliseconds(), FinalMS: finalBudget.Milliseconds()}, stillRunning(msglog.KindExecute)); err != nil {
+		return err
+	}
+	c.poke()
+	if err := c.keys.lockExclusive(ctx, sess, lockConn, budget); err != nil {
+		if errors.Is(err, errLockTimeout) {
+			return fmt.Errorf("%w (%v): application connections to the old database still open: %s", ErrPauseBudget, budget,
+				c.keys.holders(ctx, sess, lockConn))
+		}
+		return err
+	}
+	defer c.keys.unlock(context.Background(), sess, lockConn) //nolint:errcheck
+	if err := c.strayApplicationSessions(ctx, sess); err != nil {
+		return err
+	}
+	if _, err := c.msgs.Append(ctx, sess, c.id, msglog.KindExecuting, lr.run, nil, stillRunning(msglog.KindPause)); err != nil {
+		return err
+	}
+
+	// Final sync and commit, in one transaction on the old database.
+	lr.progress.SetPhase("final sync", 0, 0)
+	finalStart := time.Now()
+	tx, err := sess.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(context.Background()) //nolint:errcheck
+	if _, err := tx.Exec(ctx, "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)",
+		fmt.Sprintf("%dms", finalBudget.Milliseconds())); err != nil {
+		return err
+	}
+	res, err := r.final(ctx, tx, dst)
+	if err != nil {
+		return err
+	}
+	if err := c.meta.MarkSwitched(ctx, tx, c.next.info.ID); err != nil {
+		return err
+	}
+	msg := fmt.Sprintf("swo: database %s is obsolete: it was switched over to database %s; writes are refused. Use the new database.",
+		c.old.info.ID, c.next.info.ID)
+	if err := r.cap.RejectWrites(ctx, tx, msg); err != nil {
+		return err
+	}
+	done := doneData{PauseMS: time.Since(pauseStart).Milliseconds(), FinalMS: time.Since(finalStart).Milliseconds(), Changes: res.Changes}
+	if _, err := c.msgs.AppendTx(ctx, tx, c.id, msglog.KindDone, lr.run, done, stillRunning(msglog.KindExecuting)); err != nil {
+		return err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return c.commitOutcome(err)
+	}
+	_ = c.keys.unlock(ctx, sess, lockConn)
+	c.poke()
+	c.log.Info("swo: switched", "pause", time.Since(pauseStart), "final_sync", time.Duration(done.FinalMS)*time.Millisecond,
+		"final_changes", res.Changes)
+
+	// After the switch: validate the new database's foreign keys without
+	// blocking the service.
+	lr.progress.SetPhase("validating foreign keys", 0, 0)
+	if err := r.eng.Finish(ctx); err != nil {
+		c.noteErr(fmt.Errorf("swo: switched, but validating foreign keys in the new database failed: %w", err))
+	}
+	lr.progress.SetPhase("done", 0, 0)
+	return nil
+}
+
+// commitOutcome decides, after the switch's COMMIT returned an error (the
+// connection may have died with the COMMIT in flight), whether the switch
+// committed: the old database's mark is the truth.
+func (c *Connector) commitOutcome(commitErr error) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := c.connect(ctx, c.old, roleCtl)
+	if err != nil {
+		return fmt.Errorf("commit of the switch: %w (outcome unknown: the old database is unreachable; RESET will tell)", commitErr)
+	}
+	defer conn.Close(context.Background())
+	if info, _, err := c.meta.Read(ctx, conn); err == nil && info.Obsolete() {
+		c.log.Warn("swo: the switch committed although COMMIT reported an error", "error", commitErr)
+		return nil
+	}
+	return fmt.Errorf("commit of the switch: %w", commitErr)
+}
+
+// strayApplicationSessions refuses the switch if application sessions are on
+// the old database without holding the connection lock (it was released
+// behind the library's back: pg_advisory_unlock_all, DISCARD ALL): they could
+// write after the switch. Sessions that wait for the lock are fine: they read
+// the switch state once they get it.
+func (c *Connector) strayApplicationSessions(ctx context.Context, conn *pgx.Conn) error {
+	var stray []string
+	rows, err := conn.Query(ctx, `SELECT a.pid || ' ' || a.application_name FROM pg_stat_activity a
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.application_name LIKE '%swo:app%'
+	AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
+	AND a.backend_start < statement_timestamp() - interval '1 second'
+	AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory'
+		AND l.classid::int4 = $1 AND l.objid::int4 = $2 AND l.objsubid = 2)`, c.keys.space, lockConn)
+	if err != nil {
+		return err
+	}
+	if stray, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+		return err
+	}
+	if len(stray) > 0 {
+		return fmt.Errorf("swo: application sessions on the old database lost the connection lock (pg_advisory_unlock_all or DISCARD ALL on a connector's connection?): %v; the switch is refused because they could write after it", stray)
+	}
+	return nil
 }

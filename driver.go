@@ -15,8 +15,10 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/stdlib"
 
+	"github.com/pgswo/swo/internal/cluster"
 	"github.com/pgswo/swo/internal/dsn"
 	"github.com/pgswo/swo/internal/meta"
+	"github.com/pgswo/swo/internal/msglog"
 )
 
 // Connector is a database/sql driver.Connector. Open the service's *sql.DB
@@ -46,6 +48,18 @@ type Connector struct {
 	configErr error // why this node's configuration is invalid; nil if valid
 	lastErr   error
 
+	// Cluster (switchover mode): the message log and node table in the old
+	// database, and this node's view of them, maintained by follow.
+	msgs        msglog.Log
+	nodes       cluster.Table
+	wake        chan struct{}
+	viewMu      sync.Mutex
+	view        view
+	viewChanged chan struct{} // closed and replaced at every state change
+
+	leadMu  sync.Mutex
+	leading *leaderRun // the run this node leads, if any
+
 	closed atomic.Bool
 	cancel context.CancelFunc
 	bg     sync.WaitGroup
@@ -61,10 +75,11 @@ type endpoint struct {
 
 // Connection roles, shown in application_name.
 const (
-	roleApp  = "app"  // application connection
-	roleCtl  = "ctl"  // the node's own control connection (never holds the connection lock)
-	roleSync = "sync" // data sync worker
-	roleLock = "lock" // the executor's stop-the-world lock session
+	roleApp       = "app"        // application connection, switchover mode
+	roleAppNormal = "app-normal" // application connection, normal mode (no --db-url-next)
+	roleCtl       = "ctl"        // the node's own control connection (never holds the connection lock)
+	roleSync      = "sync"       // data sync worker
+	roleLock      = "lock"       // the executor's stop-the-world lock session
 )
 
 // target of new connections.
@@ -107,10 +122,17 @@ func NewConnector(ctx context.Context, cfg Config) (*Connector, error) {
 	}
 	c.log = cfg.Logger.With("swo.node", cfg.NodeName)
 	c.meta = meta.New(cfg.Namespace, c.keys.pair(lockSetup))
+	c.msgs = msglog.Log{Table: c.meta.Table("log"), Channel: cfg.Namespace, Lock: c.keys.pair(lockSetup)}
+	c.nodes = cluster.Table{Name: c.meta.Table("nodes")}
+	c.wake = make(chan struct{}, 1)
+	c.viewChanged = make(chan struct{})
+	c.view.At = map[string]time.Time{}
 	c.drv = &Driver{c: c}
-	c.old.app = c.appConnector(c.old)
-	if c.next != nil {
-		c.next.app = c.appConnector(c.next)
+	if c.next == nil {
+		c.old.app = c.appConnector(c.old, roleAppNormal)
+	} else {
+		c.old.app = c.appConnector(c.old, roleApp)
+		c.next.app = c.appConnector(c.next, roleApp)
 	}
 	c.route.Store(&route{target: toOld})
 	bgCtx, cancel := context.WithCancel(context.Background())
@@ -130,9 +152,9 @@ func NewConnector(ctx context.Context, cfg Config) (*Connector, error) {
 }
 
 // appConnector builds the pgx stdlib connector for application connections.
-func (c *Connector) appConnector(e *endpoint) driver.Connector {
+func (c *Connector) appConnector(e *endpoint, role string) driver.Connector {
 	cfg := e.cfg.Copy()
-	cfg.RuntimeParams["application_name"] = c.appName(e, roleApp)
+	cfg.RuntimeParams["application_name"] = c.appName(e, role)
 	return stdlib.GetConnector(*cfg)
 }
 
@@ -182,7 +204,7 @@ func (c *Connector) startSwitchover(ctx, bgCtx context.Context) error {
 	if err != nil {
 		return err
 	}
-	c.old.info, err = c.meta.Ensure(ctx, oldConn)
+	c.old.info, err = c.meta.Ensure(ctx, oldConn, c.msgs.DDL(), c.nodes.DDL())
 	if err != nil {
 		oldConn.Close(context.Background())
 		return c.scrub(fmt.Errorf("swo: old database %s: %w", dsn.Describe(c.old.cfg), err))
@@ -220,7 +242,7 @@ func (c *Connector) startSwitchover(ctx, bgCtx context.Context) error {
 		}
 	}
 	c.bg.Add(1)
-	go c.watch(bgCtx, oldConn)
+	go c.follow(bgCtx, oldConn)
 	return nil
 }
 
@@ -436,72 +458,6 @@ func (c *Connector) forget(cn *conn) {
 	c.mu.Unlock()
 }
 
-// watch follows the old database's switch state on the node's control
-// connection: on a notification, or at the latest every pollInterval, it
-// re-reads the state, so a lost notification costs at most one interval.
-func (c *Connector) watch(ctx context.Context, conn *pgx.Conn) {
-	defer c.bg.Done()
-	defer func() {
-		if conn != nil {
-			conn.Close(context.Background())
-		}
-	}()
-	const pollInterval = time.Second
-	backoff := 100 * time.Millisecond
-	listening := false
-	for ctx.Err() == nil {
-		if conn == nil {
-			var err error
-			conn, err = c.connect(ctx, c.old, roleCtl)
-			if err != nil {
-				c.noteErr(err)
-				select {
-				case <-ctx.Done():
-				case <-time.After(backoff):
-				}
-				backoff = min(2*backoff, 5*time.Second)
-				continue
-			}
-			listening = false
-		}
-		err := func() error {
-			if !listening {
-				if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{c.cfg.Namespace}.Sanitize()); err != nil {
-					return err
-				}
-				listening = true
-			}
-			info, _, err := c.meta.Read(ctx, conn)
-			if err != nil {
-				return err
-			}
-			if info.Obsolete() {
-				c.switched(info.SwitchedTo)
-				return errStopWatch
-			}
-			wctx, cancel := context.WithTimeout(ctx, pollInterval)
-			defer cancel()
-			_, err = conn.WaitForNotification(wctx)
-			if err != nil && wctx.Err() != nil && ctx.Err() == nil {
-				return nil // poll interval elapsed
-			}
-			return err
-		}()
-		switch {
-		case errors.Is(err, errStopWatch):
-			return
-		case err != nil && ctx.Err() == nil:
-			c.noteErr(fmt.Errorf("swo: watching the old database: %w", err))
-			conn.Close(context.Background())
-			conn = nil
-		default:
-			backoff = 100 * time.Millisecond
-		}
-	}
-}
-
-var errStopWatch = errors.New("stop watching")
-
 // Driver returns the connector's driver.Driver. Its Open method refuses
 // connection strings: use sql.OpenDB(connector).
 func (c *Connector) Driver() driver.Driver { return c.drv }
@@ -512,8 +468,18 @@ func (c *Connector) Close() error {
 	if !c.closed.CompareAndSwap(false, true) {
 		return nil
 	}
+	c.stopLeading()
 	c.cancel()
 	c.bg.Wait()
+	if c.next != nil && c.route.Load().target == toOld {
+		// Leave the node list at once rather than by timeout.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if conn, err := c.connect(ctx, c.old, roleCtl); err == nil {
+			_ = c.nodes.Remove(ctx, conn, c.id)
+			conn.Close(ctx)
+		}
+	}
 	return nil
 }
 
@@ -523,45 +489,6 @@ type Driver struct{ c *Connector }
 // Open refuses: a swo connection needs the Connector's state.
 func (d *Driver) Open(string) (driver.Conn, error) {
 	return nil, errors.New("swo: the swo driver does not open connection strings; use sql.OpenDB(connector)")
-}
-
-// Status returns a snapshot of this node and its cluster.
-func (c *Connector) Status() Status {
-	r := c.route.Load()
-	s := Status{
-		Mode:    "normal",
-		Routing: r.String(),
-		Paused:  r.paused != nil,
-		Old:     dbStatus(c.old),
-		Node: NodeStatus{
-			ID:      c.id.String(),
-			Name:    c.cfg.NodeName,
-			Version: c.cfg.Version,
-			CanExec: !c.cfg.APIOnly,
-			OldID:   idString(c.old.info.ID),
-		},
-	}
-	c.stateMu.Lock()
-	defer c.stateMu.Unlock()
-	if c.lastErr != nil {
-		s.LastError = c.lastErr.Error()
-	}
-	if c.next == nil {
-		return s
-	}
-	s.Mode = "switchover"
-	next := dbStatus(c.next)
-	s.Next = &next
-	s.Node.NextID = idString(c.next.info.ID)
-	s.Node.ConfigValid = c.configErr == nil
-	if c.configErr != nil {
-		s.Node.ConfigError = c.configErr.Error()
-	}
-	s.Node.LastSeen = time.Now()
-	if r.target != toOld {
-		s.State = StateDone
-	}
-	return s
 }
 
 func dbStatus(e *endpoint) DatabaseStatus {

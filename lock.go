@@ -1,8 +1,15 @@
 package swo
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"hash/fnv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Advisory locks.
@@ -67,4 +74,74 @@ func (k lockKeys) pair(lock int32) [2]int32 { return [2]int32{k.space, lock} }
 // read that must follow it as a separate statement.
 func (k lockKeys) connSharedSQL() string {
 	return fmt.Sprintf("SELECT pg_advisory_lock_shared(%d, %d)", k.space, lockConn)
+}
+
+// ErrPauseBudget is wrapped when the stop-the-world lock could not be
+// obtained within Config.PauseBudget: the run aborts, the service carries on
+// with the old database.
+var ErrPauseBudget = errors.New("swo: pause budget exceeded")
+
+// lockExclusive takes one of the namespace's locks exclusively, at session
+// level, waiting at most timeout (a server-side lock_timeout, so that the
+// wait ends even if the client stalls). A lock timeout returns errLockTimeout.
+func (k lockKeys) lockExclusive(ctx context.Context, conn *pgx.Conn, lock int32, timeout time.Duration) error {
+	_, err := conn.Exec(ctx, "SELECT set_config('lock_timeout', $1, false)", fmt.Sprintf("%dms", max(timeout.Milliseconds(), 1)))
+	if err != nil {
+		return err
+	}
+	_, err = conn.Exec(ctx, "SELECT pg_advisory_lock($1, $2)", k.space, lock)
+	if _, rerr := conn.Exec(ctx, "SELECT set_config('lock_timeout', '0', false)"); err == nil {
+		err = rerr
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
+		return errLockTimeout
+	}
+	return err
+}
+
+var errLockTimeout = errors.New("lock timeout")
+
+// unlock releases a session lock this session took (never anyone else's).
+func (k lockKeys) unlock(ctx context.Context, conn *pgx.Conn, lock int32) error {
+	_, err := conn.Exec(ctx, "SELECT pg_advisory_unlock($1, $2)", k.space, lock)
+	return err
+}
+
+// holders describes the sessions (other than conn's) holding one of the
+// namespace's locks, for errors that tell the operator what is in the way.
+func (k lockKeys) holders(ctx context.Context, conn *pgx.Conn, lock int32) string {
+	rows, err := conn.Query(ctx, `SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
+	coalesce(to_char(now() - a.xact_start, 'HH24:MI:SS'), '-'), left(coalesce(a.query, ''), 60)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.classid::int4 = $1 AND l.objid::int4 = $2 AND l.objsubid = 2
+	AND l.granted AND l.pid <> pg_backend_pid()
+ORDER BY a.pid`, k.space, lock)
+	if err != nil {
+		return "(could not list them: " + err.Error() + ")"
+	}
+	var out []string
+	for rows.Next() {
+		var pid int32
+		var app, state, age, query string
+		if err := rows.Scan(&pid, &app, &state, &age, &query); err != nil {
+			return "(could not list them: " + err.Error() + ")"
+		}
+		out = append(out, fmt.Sprintf("pid %d %q (%s, transaction open %s, query %q)", pid, app, state, age, query))
+	}
+	if len(out) == 0 {
+		return "none any more"
+	}
+	return strings.Join(out, "; ")
+}
+
+// terminateHolders ends the sessions holding one of the namespace's locks:
+// RESET's last resort against a leader that stopped answering but whose
+// sessions live on. It needs the same role or pg_signal_backend.
+func (k lockKeys) terminateHolders(ctx context.Context, conn *pgx.Conn, lock int32) (int, error) {
+	var n int
+	err := conn.QueryRow(ctx, `SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l
+WHERE l.locktype = 'advisory' AND l.classid::int4 = $1 AND l.objid::int4 = $2 AND l.objsubid = 2
+	AND l.granted AND l.pid <> pg_backend_pid()`, k.space, lock).Scan(&n)
+	return n, err
 }

@@ -84,8 +84,9 @@ CREATE TABLE IF NOT EXISTS %[1]s.meta (
 }
 
 // Ensure creates the schema if needed and returns the database's meta row,
-// creating its identity on first use.
-func (s Store) Ensure(ctx context.Context, conn *pgx.Conn) (Info, error) {
+// creating its identity on first use. extra are further idempotent DDL
+// statements (the other packages' tables) run under the same lock.
+func (s Store) Ensure(ctx context.Context, conn *pgx.Conn, extra ...string) (Info, error) {
 	var info Info
 	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1, $2)", s.lock[0], s.lock[1]); err != nil {
@@ -101,6 +102,11 @@ func (s Store) Ensure(ctx context.Context, conn *pgx.Conn) (Info, error) {
 		if !exists {
 			if _, err := tx.Exec(ctx, s.ddl()); err != nil {
 				return privilegeHint(err, s.schema, conn)
+			}
+		}
+		for _, ddl := range extra {
+			if _, err := tx.Exec(ctx, ddl); err != nil {
+				return err
 			}
 		}
 		_, err = tx.Exec(ctx, fmt.Sprintf(

@@ -1,0 +1,340 @@
+package swo
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgswo/swo/internal/pgtest"
+)
+
+const ledgerSchema = `
+CREATE TABLE counters (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0);
+CREATE TABLE ledger (node int, worker int, seq bigint, at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (node, worker, seq));
+CREATE TABLE notes (id bigserial PRIMARY KEY, body text);`
+
+const ledgerSeed = `INSERT INTO counters SELECT i, 0 FROM generate_series(0, 99) i;
+INSERT INTO notes (body) SELECT 'note ' || i FROM generate_series(1, 1000) i;`
+
+// testCluster is several nodes (connectors with their *sql.DB) over one old
+// and one next database.
+type testCluster struct {
+	old, next *pgtest.Database
+	nodes     []*Connector
+	dbs       []*sql.DB
+}
+
+func newCluster(t *testing.T, n int, owner bool, mod func(i int, cfg *Config)) *testCluster {
+	t.Helper()
+	var opts []pgtest.DBOption
+	if owner {
+		opts = append(opts, pgtest.Owner("app"))
+	}
+	tc := &testCluster{old: pgtest.NewDatabase(t, opts...), next: pgtest.NewDatabase(t, opts...)}
+	pgtest.Exec(t, tc.old.URL, ledgerSchema+ledgerSeed)
+	pgtest.Exec(t, tc.next.URL, ledgerSchema)
+	for i := 0; i < n; i++ {
+		cfg := Config{OldURL: tc.old.URL, NextURL: tc.next.URL, NodeName: fmt.Sprintf("node-%d", i),
+			PauseBudget: 5 * time.Second, SyncWorkers: 2}
+		if mod != nil {
+			mod(i, &cfg)
+		}
+		c := newConnector(t, cfg)
+		db := openDB(t, c)
+		db.SetMaxOpenConns(8)
+		tc.nodes = append(tc.nodes, c)
+		tc.dbs = append(tc.dbs, db)
+	}
+	tc.awaitNodes(t, n)
+	return tc
+}
+
+// awaitNodes waits until every node sees n alive nodes.
+func (tc *testCluster) awaitNodes(t *testing.T, n int) {
+	t.Helper()
+	waitFor(t, func() bool {
+		for _, c := range tc.nodes {
+			alive := 0
+			for _, ns := range c.Status().Nodes {
+				if ns.Alive {
+					alive++
+				}
+			}
+			if alive != n {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// ack is an acknowledged write, with where and when (server clock) it ran.
+type ack struct {
+	node, worker int
+	seq          int64
+	counter      int
+	db           string
+	start, end   time.Time
+}
+
+// load writes through every node's *sql.DB: each write is a transaction that
+// inserts a ledger row and increments a counter.
+type load struct {
+	stop  chan struct{}
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	acks  []ack
+	errs  []error
+	count atomic.Int64
+}
+
+func startLoad(tc *testCluster, workers int) *load {
+	l := &load{stop: make(chan struct{})}
+	for n, db := range tc.dbs {
+		for w := 0; w < workers; w++ {
+			l.wg.Add(1)
+			go l.run(db, n, w)
+		}
+	}
+	return l
+}
+
+func (l *load) run(db *sql.DB, node, worker int) {
+	defer l.wg.Done()
+	ctx := context.Background()
+	for seq := int64(1); ; seq++ {
+		select {
+		case <-l.stop:
+			return
+		default:
+		}
+		a := ack{node: node, worker: worker, seq: seq, counter: (node*31 + worker*7 + int(seq)) % 100}
+		err := func() error {
+			tx, err := db.BeginTx(ctx, nil)
+			if err != nil {
+				return err
+			}
+			defer tx.Rollback() //nolint:errcheck
+			if _, err := tx.ExecContext(ctx, "INSERT INTO ledger (node, worker, seq) VALUES ($1, $2, $3)", node, worker, seq); err != nil {
+				return err
+			}
+			err = tx.QueryRowContext(ctx, "UPDATE counters SET n = n + 1 WHERE id = $1 RETURNING current_database(), statement_timestamp(), clock_timestamp()",
+				a.counter).Scan(&a.db, &a.start, &a.end)
+			if err != nil {
+				return err
+			}
+			return tx.Commit()
+		}()
+		l.mu.Lock()
+		if err != nil {
+			l.errs = append(l.errs, fmt.Errorf("node %d worker %d seq %d: %w", node, worker, seq, err))
+			l.mu.Unlock()
+			return
+		}
+		l.acks = append(l.acks, a)
+		l.mu.Unlock()
+		l.count.Add(1)
+	}
+}
+
+func (l *load) halt() {
+	select {
+	case <-l.stop:
+	default:
+		close(l.stop)
+	}
+	l.wg.Wait()
+}
+
+// check verifies, after the switch: no error reached the application; every
+// acknowledged write is in the new database exactly once (ledger rows, and
+// counters equal to the acknowledged increments); no write ran on the old
+// database after the switch committed, none on the new one before.
+func (l *load) check(t *testing.T, tc *testCluster, doneAt time.Time) {
+	t.Helper()
+	l.halt()
+	for _, err := range l.errs {
+		t.Errorf("application error: %v", err)
+	}
+	ctx := testCtx(t)
+	nc := pgtest.Connect(t, tc.next.URL)
+	want := map[int]int64{}
+	var oldN, newN int
+	for _, a := range l.acks {
+		want[a.counter]++
+		switch a.db {
+		case tc.old.Name:
+			oldN++
+			if !a.end.Before(doneAt) {
+				t.Errorf("write %d/%d/%d ran on the old database at %v, after the switch committed at %v", a.node, a.worker, a.seq, a.end, doneAt)
+			}
+		case tc.next.Name:
+			newN++
+			if !a.start.After(doneAt) {
+				t.Errorf("write %d/%d/%d ran on the new database at %v, before the switch committed at %v", a.node, a.worker, a.seq, a.start, doneAt)
+			}
+		default:
+			t.Errorf("write reached database %q", a.db)
+		}
+	}
+	var rows int
+	if err := nc.QueryRow(ctx, "SELECT count(*) FROM ledger").Scan(&rows); err != nil {
+		t.Fatal(err)
+	}
+	if rows != len(l.acks) {
+		t.Errorf("new database holds %d ledger rows, %d writes were acknowledged", rows, len(l.acks))
+	}
+	var missing int
+	batch := &pgx.Batch{}
+	for _, a := range l.acks {
+		batch.Queue("SELECT count(*) FROM ledger WHERE node = $1 AND worker = $2 AND seq = $3", a.node, a.worker, a.seq)
+	}
+	br := nc.SendBatch(ctx, batch)
+	for range l.acks {
+		var n int
+		if err := br.QueryRow().Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n != 1 {
+			missing++
+		}
+	}
+	br.Close()
+	if missing > 0 {
+		t.Errorf("%d acknowledged writes are not in the new database exactly once", missing)
+	}
+	rs, err := nc.Query(ctx, "SELECT id, n FROM counters")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rs.Next() {
+		var id int
+		var n int64
+		if err := rs.Scan(&id, &n); err != nil {
+			t.Fatal(err)
+		}
+		if n != want[id] {
+			t.Errorf("counter %d = %d in the new database, %d increments were acknowledged", id, n, want[id])
+		}
+	}
+	if oldN == 0 || newN == 0 {
+		t.Errorf("the load did not span the switch: %d writes on the old database, %d on the new", oldN, newN)
+	}
+	t.Logf("%d acknowledged writes: %d on the old database, %d on the new; all present once", len(l.acks), oldN, newN)
+}
+
+// doneAt reads when the switch committed (the done message, old database clock).
+func doneAt(t *testing.T, tc *testCluster) time.Time {
+	t.Helper()
+	var at time.Time
+	err := pgtest.Connect(t, tc.old.URL).QueryRow(testCtx(t), "SELECT at FROM swo.log WHERE kind = 'done'").Scan(&at)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return at
+}
+
+func TestExecuteSwitchesThreeNodesUnderLoad(t *testing.T) {
+	tc := newCluster(t, 3, true, nil) // as a non-superuser role that owns the tables
+	ctx := testCtx(t)
+	l := startLoad(tc, 3)
+	defer l.halt()
+	waitFor(t, func() bool { return l.count.Load() > 100 })
+	if err := tc.nodes[1].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range tc.nodes {
+		waitFor(t, func() bool { return c.Status().State == StateIdle })
+	}
+	start := time.Now()
+	if err := tc.nodes[2].Execute(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("EXECUTE returned after %v", time.Since(start))
+	for i, c := range tc.nodes {
+		if s := c.Status(); s.State != StateDone || s.Routing != "next" {
+			t.Errorf("node %d after EXECUTE: state %s, routing %s", i, s.State, s.Routing)
+		}
+	}
+	n := l.count.Load()
+	waitFor(t, func() bool { return l.count.Load() > n+100 }) // keep writing on the new database
+	at := doneAt(t, tc)
+	l.check(t, tc, at)
+	s := tc.nodes[0].Status()
+	t.Logf("timings: sync %dms, pause %dms (final sync and commit %dms), EXECUTE to live %dms",
+		s.Timings.SyncMS, s.Timings.PauseMS, s.Timings.FinalMS, s.Timings.TotalMS)
+	if s.Timings.PauseMS <= 0 || s.Timings.TotalMS <= 0 {
+		t.Errorf("timings missing: %+v", s.Timings)
+	}
+	verifyEqualTables(t, tc, "notes")
+}
+
+// verifyEqualTables checks tables that the load does not touch after the switch.
+func verifyEqualTables(t *testing.T, tc *testCluster, tables ...string) {
+	t.Helper()
+	for _, tbl := range tables {
+		q := fmt.Sprintf("SELECT count(*), coalesce(md5(string_agg(t::text, ',' ORDER BY t::text)), '') FROM %s t", tbl)
+		var on, nn int
+		var oh, nh string
+		if err := pgtest.Connect(t, tc.old.URL).QueryRow(testCtx(t), q).Scan(&on, &oh); err != nil {
+			t.Fatal(err)
+		}
+		if err := pgtest.Connect(t, tc.next.URL).QueryRow(testCtx(t), q).Scan(&nn, &nh); err != nil {
+			t.Fatal(err)
+		}
+		if on != nn || oh != nh {
+			t.Errorf("%s differs: %d rows (%s) vs %d rows (%s)", tbl, on, oh, nn, nh)
+		}
+	}
+}
+
+func TestObsoleteDatabaseRejectsWrites(t *testing.T) {
+	tc := newCluster(t, 1, false, nil)
+	ctx := testCtx(t)
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tc.nodes[0].Execute(ctx); err != nil {
+		t.Fatal(err)
+	}
+	oc := pgtest.Connect(t, tc.old.URL)
+	for _, q := range []string{
+		"INSERT INTO notes (body) VALUES ('straggler')",
+		"UPDATE counters SET n = n + 1 WHERE id = 1",
+		"DELETE FROM notes WHERE id = 1",
+		"TRUNCATE notes",
+	} {
+		_, err := oc.Exec(ctx, q)
+		if err == nil || !strings.Contains(err.Error(), "obsolete") {
+			t.Errorf("%s on the obsolete database: err = %v, want a refusal saying it is obsolete", q, err)
+		}
+	}
+	// Reads still work, and the new database takes writes.
+	var n int
+	if err := oc.QueryRow(ctx, "SELECT count(*) FROM notes").Scan(&n); err != nil || n != 1000 {
+		t.Fatalf("read on the obsolete database: %d, %v", n, err)
+	}
+	if _, err := tc.dbs[0].ExecContext(ctx, "INSERT INTO notes (body) VALUES ('after')"); err != nil {
+		t.Fatal(err)
+	}
+	// RESET after the switch is refused; a straggler in normal mode refuses to start.
+	if err := tc.nodes[0].Reset(ctx); !errors.Is(err, ErrDone) {
+		t.Fatalf("RESET after the switch: %v", err)
+	}
+	if _, err := NewConnector(ctx, Config{OldURL: tc.old.URL}); !errors.Is(err, ErrObsolete) {
+		t.Fatalf("normal mode on the old database: %v", err)
+	}
+	// An instance restarted with both URLs works on the new database.
+	c := newConnector(t, Config{OldURL: tc.old.URL, NextURL: tc.next.URL})
+	if got := dbName(t, openDB(t, c)); got != tc.next.Name {
+		t.Fatalf("restarted node reached %s", got)
+	}
+}
