@@ -414,6 +414,7 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 		if err := step.fn(ctx); err != nil {
 			return fmt.Errorf("%s: %w", step.name, err)
 		}
+		c.at(ctx, step.name)
 	}
 	dst, err := replicate.Connect(ctx, r.eng.Dst) // opened now: the pause should not wait for it
 	if err != nil {
@@ -431,6 +432,7 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 		return err
 	}
 	c.poke()
+	c.at(ctx, "pausing")
 	if err := c.keys.lockExclusive(ctx, sess, lockConn, budget); err != nil {
 		if errors.Is(err, errLockTimeout) {
 			return fmt.Errorf("%w (%v): application connections to the old database still open: %s", ErrPauseBudget, budget,
@@ -445,6 +447,7 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 	if _, err := c.msgs.Append(ctx, sess, c.id, msglog.KindExecuting, lr.run, nil, stillRunning(msglog.KindPause)); err != nil {
 		return err
 	}
+	c.at(ctx, "locked")
 
 	// Final sync and commit, in one transaction on the old database.
 	lr.progress.SetPhase("final sync", 0, 0)
@@ -462,6 +465,7 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 	if err != nil {
 		return err
 	}
+	c.at(ctx, "final")
 	if err := c.meta.MarkSwitched(ctx, tx, c.next.info.ID); err != nil {
 		return err
 	}
@@ -490,6 +494,13 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 	}
 	lr.progress.SetPhase("done", 0, 0)
 	return nil
+}
+
+// at calls the test hook at a phase boundary of the leader's run.
+func (c *Connector) at(ctx context.Context, phase string) {
+	if c.testHook != nil {
+		c.testHook(ctx, phase)
+	}
 }
 
 // commitOutcome decides, after the switch's COMMIT returned an error (the

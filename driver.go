@@ -60,6 +60,10 @@ type Connector struct {
 	leadMu  sync.Mutex
 	leading *leaderRun // the run this node leads, if any
 
+	// testHook, if set, is called by the leader at each phase boundary;
+	// tests use it to inject faults at exact points.
+	testHook func(ctx context.Context, phase string)
+
 	closed atomic.Bool
 	cancel context.CancelFunc
 	bg     sync.WaitGroup
@@ -350,9 +354,21 @@ func (c *Connector) connectOld(ctx context.Context) (driver.Conn, uuid.UUID, err
 	return cn, uuid.Nil, nil
 }
 
+// unsafeSingleStatementRead makes connectOld read the switch state in the
+// statement that waits for the lock: the mistake lock.go warns about. Only
+// the negative-control test sets it, to show that the test catches it.
+var unsafeSingleStatementRead bool
+
 // readSwitchedTo takes the shared connection lock, then reads switched_to, in
 // one round trip of two statements.
 func (c *Connector) readSwitchedTo(ctx context.Context, pc *pgconn.PgConn) (uuid.UUID, error) {
+	if unsafeSingleStatementRead && c.next != nil {
+		res, err := pc.Exec(ctx, fmt.Sprintf("SELECT (%s) FROM (%s) l", c.meta.SwitchedToQuery(), c.keys.connSharedSQL())).ReadAll()
+		if err != nil || len(res) != 1 || len(res[0].Rows) != 1 || res[0].Rows[0][0] == nil {
+			return uuid.Nil, err
+		}
+		return uuid.ParseBytes(res[0].Rows[0][0])
+	}
 	q := c.keys.connSharedSQL() + "; "
 	if c.next != nil {
 		q += c.meta.SwitchedToQuery()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"time"
 
 	"github.com/google/uuid"
@@ -303,6 +304,7 @@ func (c *Connector) observe(m msglog.Message) {
 	prev := c.view.State
 	changed := c.view.apply(m)
 	v := c.view
+	v.At = maps.Clone(v.At)
 	if changed {
 		close(c.viewChanged)
 		c.viewChanged = make(chan struct{})
@@ -369,9 +371,7 @@ type nodeReport struct {
 // checkOwner fails the run if the node doing its work stopped answering:
 // every running state thereby has a timeout of a few heartbeats.
 func (c *Connector) checkOwner(ctx context.Context, conn *pgx.Conn) error {
-	c.viewMu.Lock()
-	v := c.view
-	c.viewMu.Unlock()
+	v, _ := c.currentView()
 	if v.State != StateResetting && !v.State.Running() {
 		return nil
 	}
@@ -430,7 +430,9 @@ func (c *Connector) currentRun() int64 {
 func (c *Connector) currentView() (view, <-chan struct{}) {
 	c.viewMu.Lock()
 	defer c.viewMu.Unlock()
-	return c.view, c.viewChanged
+	v := c.view
+	v.At = maps.Clone(v.At) // apply writes to the map; the copy must not share it
+	return v, c.viewChanged
 }
 
 func errString(err error) string {

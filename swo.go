@@ -390,7 +390,7 @@ func (c *Connector) Execute(ctx context.Context) error {
 		case v.Run == m.Run && v.State == StateFailed:
 			return fmt.Errorf("%w: %s", ErrRunFailed, v.Err)
 		case v.Run == m.Run && v.State == StateDone:
-			return c.awaitConfirmations(ctx, conn, m.Run, v.Nodes)
+			return c.awaitConfirmations(ctx, conn, m.Run)
 		}
 		select {
 		case <-changed:
@@ -400,11 +400,15 @@ func (c *Connector) Execute(ctx context.Context) error {
 	}
 }
 
-// awaitConfirmations waits until every node that was alive at the switch
-// says it routes to the new database (or has stopped answering).
-func (c *Connector) awaitConfirmations(ctx context.Context, conn *pgx.Conn, run int64, nodes []cluster.Node) error {
+// awaitConfirmations waits until every alive node says it routes to the new
+// database; a node that stops answering meanwhile is not waited for.
+func (c *Connector) awaitConfirmations(ctx context.Context, conn *pgx.Conn, run int64) error {
 	deadline := time.Now().Add(2 * nodeTimeout)
 	for {
+		nodes, err := c.nodes.List(ctx, conn, nodeTimeout)
+		if err != nil {
+			return c.scrub(err)
+		}
 		rows, err := conn.Query(ctx, "SELECT DISTINCT node FROM "+c.msgs.Table+" WHERE run = $1 AND kind = $2", run, msglog.KindConfirm)
 		if err != nil {
 			return c.scrub(err)
