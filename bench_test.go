@@ -3,6 +3,9 @@ package swo
 import (
 	"context"
 	"database/sql"
+	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -94,4 +97,122 @@ func BenchmarkSteadyState(b *testing.B) {
 			b.ReportMetric(per(2)/per(0), "switchover/stdlib")
 		})
 	}
+}
+
+// BenchmarkPause measures what the application feels of a switch: 16
+// writers through one node's *sql.DB run single-row write transactions in
+// steady state, then through RESET + EXECUTE. It reports the latency
+// percentiles of both periods, the worst latency during EXECUTE minus the
+// worst in steady state, the pause as the leader measured it, EXECUTE's
+// duration to live, and the errors the application saw (must be 0).
+//
+//	go test -run - -bench Pause -benchtime 1x -count 3 .
+func BenchmarkPause(b *testing.B) {
+	for i := 0; i < b.N; i++ {
+		old := pgtest.NewDatabase(b)
+		next := pgtest.NewDatabase(b)
+		pgtest.Exec(b, old.URL, ledgerSchema+ledgerSeed+"INSERT INTO notes (body) SELECT repeat('x', 200) FROM generate_series(1, 100000);")
+		pgtest.Exec(b, next.URL, ledgerSchema)
+		c := newConnector(b, Config{OldURL: old.URL, NextURL: next.URL, NodeName: "bench", SyncWorkers: 2})
+		db := openDB(b, c)
+		db.SetMaxOpenConns(16)
+		db.SetMaxIdleConns(16)
+		ctx := context.Background()
+
+		type sample struct {
+			at  time.Time
+			lat time.Duration
+		}
+		var mu sync.Mutex
+		var samples []sample
+		var errs atomic.Int64
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		for w := 0; w < 16; w++ {
+			wg.Add(1)
+			go func(w int) {
+				defer wg.Done()
+				for seq := 1; ; seq++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					start := time.Now()
+					err := func() error {
+						tx, err := db.BeginTx(ctx, nil)
+						if err != nil {
+							return err
+						}
+						defer tx.Rollback() //nolint:errcheck
+						if _, err := tx.ExecContext(ctx, "INSERT INTO ledger (node, worker, seq, counter) VALUES (0, $1, $2, $3)", w, seq, seq%100); err != nil {
+							return err
+						}
+						if _, err := tx.ExecContext(ctx, "UPDATE counters SET n = n + 1 WHERE id = $1", seq%100); err != nil {
+							return err
+						}
+						return tx.Commit()
+					}()
+					if err != nil {
+						errs.Add(1)
+						b.Errorf("application error: %v", err)
+						continue
+					}
+					mu.Lock()
+					samples = append(samples, sample{start, time.Since(start)})
+					mu.Unlock()
+				}
+			}(w)
+		}
+		time.Sleep(3 * time.Second) // steady state
+		steadyEnd := time.Now()
+		if err := c.Reset(ctx); err != nil {
+			b.Fatal(err)
+		}
+		execStart := time.Now()
+		if err := c.Execute(ctx); err != nil {
+			b.Fatal(err)
+		}
+		execDur := time.Since(execStart)
+		time.Sleep(time.Second)
+		close(stop)
+		wg.Wait()
+		ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+		var steady, during, window []time.Duration
+		st := c.Status().Timings
+		for _, s := range samples {
+			switch {
+			case s.at.Before(steadyEnd):
+				steady = append(steady, s.lat)
+			case !s.at.Before(execStart) && s.at.Before(execStart.Add(execDur)):
+				during = append(during, s.lat)
+			}
+			// Transactions that overlapped the stop-the-world window.
+			if st.PauseAt != nil && st.DoneAt != nil && s.at.Before(*st.DoneAt) && s.at.Add(s.lat).After(*st.PauseAt) {
+				window = append(window, s.lat)
+			}
+		}
+		b.ReportMetric(ms(percentiles(window)[2]), "pause-window-max-ms")
+		ps, pd := percentiles(steady), percentiles(during)
+		b.ReportMetric(ms(ps[0]), "steady-p50-ms")
+		b.ReportMetric(ms(ps[1]), "steady-p99-ms")
+		b.ReportMetric(ms(ps[2]), "steady-max-ms")
+		b.ReportMetric(ms(pd[0]), "execute-p50-ms")
+		b.ReportMetric(ms(pd[1]), "execute-p99-ms")
+		b.ReportMetric(ms(pd[2]), "execute-max-ms")
+		b.ReportMetric(ms(pd[2]-ps[2]), "worst-extra-ms")
+		b.ReportMetric(float64(c.Status().Timings.PauseMS), "pause-ms")
+		b.ReportMetric(execDur.Seconds(), "execute-to-live-s")
+		b.ReportMetric(float64(errs.Load()), "app-errors")
+	}
+}
+
+// percentiles returns p50, p99 and max.
+func percentiles(d []time.Duration) [3]time.Duration {
+	if len(d) == 0 {
+		return [3]time.Duration{}
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return [3]time.Duration{s[len(s)/2], s[len(s)*99/100], s[len(s)-1]}
 }

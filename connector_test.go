@@ -8,7 +8,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,6 +26,9 @@ func TestMain(m *testing.M) {
 	// Shorter heartbeats keep the fault tests quick; the timeout still leaves
 	// room for a loaded CI machine.
 	heartbeatEvery, nodeTimeout, pollEvery = 250*time.Millisecond, 3*time.Second, 250*time.Millisecond
+	if os.Getenv(envChild) != "" {
+		os.Exit(runChildNode()) // this process is a node of TestSeparateProcesses
+	}
 	pgtest.Main(m)
 }
 
@@ -51,8 +56,13 @@ func (l *logBuffer) String() string {
 	return l.buf.String()
 }
 
+func testLoggerTo(w io.Writer) *slog.Logger { return slog.New(slog.NewTextHandler(w, nil)) }
+
 // testLogger keeps a test's logs and prints them only if the test fails.
 func testLogger(t testing.TB) *slog.Logger {
+	if os.Getenv("SWO_TEST_LOG") != "" { // see the logs as they happen
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
 	var buf logBuffer
 	t.Cleanup(func() {
 		if t.Failed() {

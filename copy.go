@@ -220,10 +220,14 @@ func (r *syncRun) catchUp(ctx context.Context) error {
 	return r.eng.CatchUp(ctx, src, dst, 100*time.Millisecond)
 }
 
-// final runs the last round inside the pause, in oldTx (which the caller
-// commits after marking the switch in it); see replicate.Engine.Final.
+// final runs the last round inside the pause, in oldTx, and consumes the
+// applied changes there (the caller commits oldTx); see replicate.Engine.Final.
 func (r *syncRun) final(ctx context.Context, oldTx pgx.Tx, dst *pgx.Conn) (replicate.FinalResult, error) {
-	return r.eng.Final(ctx, oldTx, dst)
+	res, err := r.eng.Final(ctx, oldTx, dst)
+	if err == nil && res.Consume != "" {
+		_, err = oldTx.Exec(ctx, res.Consume)
+	}
+	return res, err
 }
 
 // cleanup removes everything a run installed: capture on the old database,
@@ -291,6 +295,10 @@ func (c *Connector) Verify(ctx context.Context) (VerifyReport, error) {
 }
 
 // ---- The leader's run: sync, pause, final sync, commit ----
+
+// prepareFor is how long the leader gives nodes, between announcing the
+// pause and starting it, to open their connections to the new database.
+const prepareFor = 300 * time.Millisecond
 
 // leaderRun is the execution this node leads.
 type leaderRun struct {
@@ -422,16 +430,41 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 	}
 	defer dst.Close(context.Background())
 
+	// Announce the pause, so that nodes open their connections to the new
+	// database now, and catch up once more meanwhile.
+	m, err := c.msgs.Append(ctx, sess, c.id, msglog.KindPrepare, lr.run, nil, stillRunning(msglog.KindExecute))
+	if err != nil {
+		return err
+	}
+	c.observe(m)
+	warmUntil := time.Now().Add(prepareFor)
+	if err := r.catchUp(ctx); err != nil {
+		return fmt.Errorf("incremental sync: %w", err)
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(time.Until(warmUntil)):
+	}
+	if err := r.catchUp(ctx); err != nil {
+		return fmt.Errorf("incremental sync: %w", err)
+	}
+
 	// The pause: every node drains; the connection lock comes when the last
 	// application connection to the old database has gone.
 	budget, finalBudget := c.cfg.PauseBudget, c.cfg.FinalTimeout
 	lr.progress.SetPhase("pausing", 0, 0)
 	pauseStart := time.Now()
-	if _, err := c.msgs.Append(ctx, sess, c.id, msglog.KindPause, lr.run,
-		pauseData{BudgetMS: budget.Milliseconds(), FinalMS: finalBudget.Milliseconds()}, stillRunning(msglog.KindExecute)); err != nil {
+	m, err = c.msgs.Append(ctx, sess, c.id, msglog.KindPause, lr.run,
+		pauseData{BudgetMS: budget.Milliseconds(), FinalMS: finalBudget.Milliseconds()}, stillRunning(msglog.KindPrepare))
+	if err != nil {
 		return err
 	}
-	c.poke()
+	// The leader's own messages follow messages it has seen (the append
+	// checks that), so it may apply them at once rather than wait for the
+	// notification.
+	c.observe(m)
+	c.log.Debug("swo: pause announced", "after", time.Since(pauseStart))
 	c.at(ctx, "pausing")
 	if err := c.keys.lockExclusive(ctx, sess, lockConn, budget); err != nil {
 		if errors.Is(err, errLockTimeout) {
@@ -444,45 +477,45 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 	if err := c.strayApplicationSessions(ctx, sess); err != nil {
 		return err
 	}
-	if _, err := c.msgs.Append(ctx, sess, c.id, msglog.KindExecuting, lr.run, nil, stillRunning(msglog.KindPause)); err != nil {
+	if m, err = c.msgs.Append(ctx, sess, c.id, msglog.KindExecuting, lr.run, nil, stillRunning(msglog.KindPause)); err != nil {
 		return err
 	}
+	c.observe(m)
+	c.log.Debug("swo: connection lock taken", "after", time.Since(pauseStart))
 	c.at(ctx, "locked")
 
 	// Final sync and commit, in one transaction on the old database.
 	lr.progress.SetPhase("final sync", 0, 0)
 	finalStart := time.Now()
-	tx, err := sess.Begin(ctx)
+	tx, err := sess.BeginTx(ctx, pgx.TxOptions{BeginQuery: fmt.Sprintf(
+		"BEGIN; SET LOCAL statement_timeout = %[1]d; SET LOCAL lock_timeout = %[1]d", finalBudget.Milliseconds())})
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback(context.Background()) //nolint:errcheck
-	if _, err := tx.Exec(ctx, "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)",
-		fmt.Sprintf("%dms", finalBudget.Milliseconds())); err != nil {
-		return err
-	}
-	res, err := r.final(ctx, tx, dst)
+	res, err := r.eng.Final(ctx, tx, dst)
 	if err != nil {
 		return err
 	}
+	c.log.Debug("swo: final sync committed on the new database", "after", time.Since(pauseStart), "changes", res.Changes, "final", res.Duration)
 	c.at(ctx, "final")
-	if err := c.meta.MarkSwitched(ctx, tx, c.next.info.ID); err != nil {
-		return err
-	}
+	// The commit: consume the changes, mark the old database obsolete and
+	// make it refuse writes, log "done", in two round trips.
 	msg := fmt.Sprintf("swo: database %s is obsolete: it was switched over to database %s; writes are refused. Use the new database.",
 		c.old.info.ID, c.next.info.ID)
-	if err := r.cap.RejectWrites(ctx, tx, msg); err != nil {
-		return err
+	mark := append([]string{c.meta.MarkSwitchedSQL(c.next.info.ID)}, r.cap.RejectWritesSQL(msg)...)
+	if res.Consume != "" {
+		mark = append(mark, res.Consume)
 	}
 	done := doneData{PauseMS: time.Since(pauseStart).Milliseconds(), FinalMS: time.Since(finalStart).Milliseconds(), Changes: res.Changes}
-	if _, err := c.msgs.AppendTx(ctx, tx, c.id, msglog.KindDone, lr.run, done, stillRunning(msglog.KindExecuting)); err != nil {
+	if m, err = c.msgs.AppendTx(ctx, tx, c.id, msglog.KindDone, lr.run, done, stillRunning(msglog.KindExecuting), mark...); err != nil {
 		return err
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return c.commitOutcome(err)
 	}
 	_ = c.keys.unlock(ctx, sess, lockConn)
-	c.poke()
+	c.observe(m)
 	c.log.Info("swo: switched", "pause", time.Since(pauseStart), "final_sync", time.Duration(done.FinalMS)*time.Millisecond,
 		"final_changes", res.Changes)
 

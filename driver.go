@@ -53,6 +53,7 @@ type Connector struct {
 	msgs        msglog.Log
 	nodes       cluster.Table
 	wake        chan struct{}
+	warm        chan driver.Conn // connections to the next database opened during the pause
 	viewMu      sync.Mutex
 	view        view
 	viewChanged chan struct{} // closed and replaced at every state change
@@ -129,6 +130,7 @@ func NewConnector(ctx context.Context, cfg Config) (*Connector, error) {
 	c.msgs = msglog.Log{Table: c.meta.Table("log"), Channel: cfg.Namespace, Lock: c.keys.pair(lockSetup)}
 	c.nodes = cluster.Table{Name: c.meta.Table("nodes")}
 	c.wake = make(chan struct{}, 1)
+	c.warm = make(chan driver.Conn, 32)
 	c.viewChanged = make(chan struct{})
 	c.view.At = map[string]time.Time{}
 	c.drv = &Driver{c: c}
@@ -299,6 +301,11 @@ func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
 		}
 		switch r.target {
 		case toNext:
+			select {
+			case dc := <-c.warm:
+				return dc, nil
+			default:
+			}
 			dc, err := c.next.app.Connect(ctx)
 			return dc, c.scrub(err)
 		case refused:
@@ -414,6 +421,7 @@ func (c *Connector) switched(to uuid.UUID) {
 	}
 	if c.setRoute(r) {
 		c.log.Info("swo: switched: new connections go to the next database", "routing", r.String())
+		time.AfterFunc(time.Minute, c.drainWarm) // what the pool did not need by then
 	}
 }
 
@@ -459,11 +467,57 @@ func (c *Connector) pause(until time.Time) {
 	})
 }
 
-// resume ends a pause without a switch.
+// prewarm opens, when the leader announces that the pause is near, as many
+// connections to the next database as this node has to the old one, so that
+// the requests waiting for the switch do not also wait for connection set-up
+// (TCP, TLS, authentication) once it is done. Opening them before the pause
+// keeps that work out of the stop-the-world window. They are handed out only
+// after the switch; a run that ends otherwise closes them.
+func (c *Connector) prewarm() {
+	c.mu.Lock()
+	n := min(len(c.conns), cap(c.warm)) - len(c.warm)
+	c.mu.Unlock()
+	go func() {
+		for i := 0; i < n; i++ {
+			if c.route.Load().target != toOld {
+				return
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			dc, err := c.next.app.Connect(ctx)
+			cancel()
+			if err != nil {
+				return
+			}
+			select {
+			case c.warm <- dc:
+			default:
+				_ = dc.Close()
+				return
+			}
+		}
+	}()
+}
+
+// drainWarm closes unused pre-opened connections to the next database.
+func (c *Connector) drainWarm() {
+	for {
+		select {
+		case dc := <-c.warm:
+			_ = dc.Close()
+		default:
+			return
+		}
+	}
+}
+
+// resume ends a pause, or a run, without a switch.
 func (c *Connector) resume() {
 	r := c.route.Load()
 	if r.paused != nil {
 		c.setRoute(&route{target: r.target})
+	}
+	if r.target == toOld {
+		c.drainWarm()
 	}
 }
 
@@ -487,6 +541,7 @@ func (c *Connector) Close() error {
 	c.stopLeading()
 	c.cancel()
 	c.bg.Wait()
+	c.drainWarm()
 	if c.next != nil && c.route.Load().target == toOld {
 		// Leave the node list at once rather than by timeout.
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -366,7 +366,7 @@ func connectDuringCommit(t *testing.T) (violations, errs, waited int) {
 				default:
 				}
 				wr := write{sent: time.Now()}
-				wr.err = db.QueryRowContext(ctx, "INSERT INTO ledger (node, worker, seq) VALUES (9, $1, $2) RETURNING current_database(), statement_timestamp(), clock_timestamp()",
+				wr.err = db.QueryRowContext(ctx, "INSERT INTO ledger (node, worker, seq, counter) VALUES (9, $1, $2, -1) RETURNING current_database(), statement_timestamp(), clock_timestamp()",
 					w, seq).Scan(&wr.db, &wr.start, &wr.end)
 				mu.Lock()
 				writes = append(writes, wr)

@@ -310,6 +310,9 @@ func (c *Connector) observe(m msglog.Message) {
 		c.viewChanged = make(chan struct{})
 	}
 	c.viewMu.Unlock()
+	if m.Kind == msglog.KindPrepare && m.Run == v.Run && v.State == StateSyncing {
+		c.prewarm()
+	}
 	if !changed {
 		return
 	}

@@ -254,13 +254,18 @@ func (c Capture) Installed(ctx context.Context, conn *pgx.Conn) ([]uint32, error
 	return pgx.CollectRows(rows, pgx.RowTo[uint32])
 }
 
+// AliveSQL selects whether capture is intact (see Alive).
+func (c Capture) AliveSQL() string {
+	return "SELECT EXISTS (SELECT 1 FROM " + c.q("capture_alive") + ")"
+}
+
 // Alive returns ErrLost if the change table lost its content in crash
 // recovery, and nil if capture is intact.
 func (c Capture) Alive(ctx context.Context, q interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }) error {
 	var alive bool
-	err := q.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+c.q("capture_alive")+")").Scan(&alive)
+	err := q.QueryRow(ctx, c.AliveSQL()).Scan(&alive)
 	if err != nil {
 		return fmt.Errorf("check change capture: %w", err)
 	}
@@ -270,24 +275,24 @@ func (c Capture) Alive(ctx context.Context, q interface {
 	return nil
 }
 
-// RejectWrites makes, inside the caller's transaction, every captured write
-// fail from now on with message: the obsolete mark's enforcement. Writers
-// that were blocked on the change table when the transaction commits fail
-// too, because the trigger is part of the table's definition that they load
-// once they get the lock.
-func (c Capture) RejectWrites(ctx context.Context, tx pgx.Tx, message string) error {
-	msg := strings.ReplaceAll(message, "'", "''")
-	_, err := tx.Exec(ctx, fmt.Sprintf(`
-CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql AS $f$
+// RejectWritesSQL returns the statements that, run in the transaction that
+// commits the switch, make every captured write fail from then on with
+// message: the obsolete mark's enforcement. Writers that were blocked on the
+// change table when that transaction commits fail too: the trigger is part
+// of the table's definition, which they load once they get the lock.
+func (c Capture) RejectWritesSQL(message string) []string {
+	msg := strings.ReplaceAll(strings.ReplaceAll(message, "'", "''"), "%", "%%")
+	fn := func(name string) string {
+		return fmt.Sprintf(`CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql AS $f$
 BEGIN
-	RAISE EXCEPTION '%[2]s' USING ERRCODE = 'read_only_sql_transaction';
-END $f$;
-CREATE TRIGGER obsolete BEFORE INSERT ON %[3]s FOR EACH STATEMENT EXECUTE FUNCTION %[1]s();
-CREATE OR REPLACE FUNCTION %[4]s() RETURNS trigger LANGUAGE plpgsql AS $f$
-BEGIN
-	RAISE EXCEPTION '%[2]s' USING ERRCODE = 'read_only_sql_transaction';
-END $f$;`, c.q("obsolete"), msg, c.q("changes"), c.q("capture_truncate")))
-	return err
+	RAISE EXCEPTION '%s' USING ERRCODE = 'read_only_sql_transaction';
+END $f$`, c.q(name), msg)
+	}
+	return []string{
+		fn("obsolete"),
+		fmt.Sprintf("CREATE TRIGGER obsolete BEFORE INSERT ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()", c.q("changes"), c.q("obsolete")),
+		fn("capture_truncate"),
+	}
 }
 
 // withLockRetry runs ddl in its own transaction with a short lock_timeout,

@@ -207,11 +207,11 @@ func (s Store) NewIdentity(ctx context.Context, conn *pgx.Conn) (uuid.UUID, erro
 	return id, err
 }
 
-// MarkSwitched records, inside the caller's transaction on the old database,
-// that it was switched away from to the database with identity to.
-func (s Store) MarkSwitched(ctx context.Context, tx pgx.Tx, to uuid.UUID) error {
-	_, err := tx.Exec(ctx, "UPDATE "+s.schema+".meta SET switched_to = $1, switched_at = now()", to)
-	return err
+// MarkSwitchedSQL is the statement that records, in the transaction that
+// commits the switch on the old database, that it was switched away from to
+// the database with identity to.
+func (s Store) MarkSwitchedSQL(to uuid.UUID) string {
+	return fmt.Sprintf("UPDATE %s.meta SET switched_to = '%s', switched_at = now()", s.schema, to)
 }
 
 // SetFilledFrom records that the database is being filled from the database

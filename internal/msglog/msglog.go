@@ -31,6 +31,7 @@ const (
 	KindReset     = "reset"     // a RESET began: a new run
 	KindIdle      = "idle"      // the RESET finished and every check passed
 	KindExecute   = "execute"   // EXECUTE: Data names the leader
+	KindPrepare   = "prepare"   // the pause is near: nodes open connections to the new database
 	KindPause     = "pause"     // the leader starts the stop-the-world window
 	KindExecuting = "executing" // the leader holds the connection lock: final sync and commit
 	KindDone      = "done"      // the switch committed (appended in the committing transaction)
@@ -81,38 +82,58 @@ var ErrRefused = errors.New("refused")
 // Append adds a message in its own transaction. check, if not nil, sees the
 // last message (nil if the log is empty) under the append lock and may refuse
 // the append, which makes "append only if the state is still X" atomic. run
-// 0 means the run of the last message; a reset starts a new run.
+// 0 means the run of the last message; a reset starts a new run. It costs two
+// round trips.
 func (l Log) Append(ctx context.Context, conn *pgx.Conn, node uuid.UUID, kind string, run int64, data any, check func(last *Message) error) (Message, error) {
-	var m Message
-	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		var err error
-		m, err = l.AppendTx(ctx, tx, node, kind, run, data, check)
-		return err
-	})
+	m, err := l.append(ctx, conn, true, node, kind, run, data, check)
+	if err != nil && conn.PgConn().TxStatus() != 'I' {
+		_, _ = conn.Exec(context.Background(), "ROLLBACK")
+	}
 	return m, err
 }
 
 // AppendTx adds a message inside the caller's transaction: it becomes
-// visible, and is notified, when that transaction commits.
-func (l Log) AppendTx(ctx context.Context, tx pgx.Tx, node uuid.UUID, kind string, run int64, data any, check func(last *Message) error) (Message, error) {
-	if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1, $2)", l.Lock[0], l.Lock[1]); err != nil {
-		return Message{}, fmt.Errorf("append %s: %w", kind, err)
-	}
-	last, err := l.last(ctx, tx)
-	if err != nil {
-		return Message{}, fmt.Errorf("append %s: %w", kind, err)
-	}
-	if check != nil {
-		if err := check(last); err != nil {
-			return Message{}, fmt.Errorf("%w: %w", ErrRefused, err)
-		}
-	}
+// visible, and is notified, when that transaction commits. before are
+// statements (without parameters) to run first, in the same round trip.
+func (l Log) AppendTx(ctx context.Context, tx pgx.Tx, node uuid.UUID, kind string, run int64, data any, check func(last *Message) error, before ...string) (Message, error) {
+	return l.append(ctx, tx.Conn(), false, node, kind, run, data, check, before...)
+}
+
+// append runs the append in two round trips: [begin, before…, lock, last],
+// then, if check agrees, [insert, (prune), notify, (commit)].
+func (l Log) append(ctx context.Context, conn *pgx.Conn, ownTx bool, node uuid.UUID, kind string, run int64, data any, check func(last *Message) error, before ...string) (Message, error) {
 	raw, err := json.Marshal(data)
 	if err != nil {
 		return Message{}, err
 	}
 	if data == nil {
 		raw = []byte("{}")
+	}
+	b := &pgx.Batch{}
+	if ownTx {
+		b.Queue("BEGIN")
+	}
+	for _, sql := range before {
+		b.Queue(sql)
+	}
+	b.Queue("SELECT pg_advisory_xact_lock($1, $2)", l.Lock[0], l.Lock[1])
+	var last *Message
+	b.Queue("SELECT id, at, node, kind, run, data FROM " + l.Table + " ORDER BY id DESC LIMIT 1").QueryRow(func(row pgx.Row) error {
+		var m Message
+		err := row.Scan(&m.ID, &m.At, &m.Node, &m.Kind, &m.Run, &m.Data)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		last = &m
+		return err
+	})
+	if err := conn.SendBatch(ctx, b).Close(); err != nil {
+		return Message{}, fmt.Errorf("append %s: %w", kind, err)
+	}
+	if check != nil {
+		if err := check(last); err != nil {
+			return Message{}, fmt.Errorf("%w: %w", ErrRefused, err)
+		}
 	}
 	id := int64(1)
 	if last != nil {
@@ -125,33 +146,20 @@ func (l Log) AppendTx(ctx context.Context, tx pgx.Tx, node uuid.UUID, kind strin
 		run = id
 	}
 	m := Message{ID: id, Node: node, Kind: kind, Run: run, Data: raw}
-	err = tx.QueryRow(ctx, "INSERT INTO "+l.Table+" (id, node, kind, run, data) VALUES ($1, $2, $3, $4, $5) RETURNING at",
-		id, node, kind, run, raw).Scan(&m.At)
-	if err != nil {
+	b = &pgx.Batch{}
+	b.Queue("INSERT INTO "+l.Table+" (id, node, kind, run, data) VALUES ($1, $2, $3, $4, $5) RETURNING at",
+		id, node, kind, run, raw).QueryRow(func(row pgx.Row) error { return row.Scan(&m.At) })
+	if kind == KindReset {
+		b.Queue("DELETE FROM "+l.Table+" WHERE id < $1", id)
+	}
+	b.Queue("SELECT pg_notify($1, $2)", l.Channel, fmt.Sprint(id))
+	if ownTx {
+		b.Queue("COMMIT")
+	}
+	if err := conn.SendBatch(ctx, b).Close(); err != nil {
 		return Message{}, fmt.Errorf("append %s: %w", kind, err)
 	}
-	if kind == KindReset {
-		if _, err := tx.Exec(ctx, "DELETE FROM "+l.Table+" WHERE id < $1", id); err != nil {
-			return Message{}, err
-		}
-	}
-	if _, err := tx.Exec(ctx, "SELECT pg_notify($1, $2)", l.Channel, fmt.Sprint(id)); err != nil {
-		return Message{}, err
-	}
 	return m, nil
-}
-
-func (l Log) last(ctx context.Context, tx pgx.Tx) (*Message, error) {
-	var m Message
-	err := tx.QueryRow(ctx, "SELECT id, at, node, kind, run, data FROM "+l.Table+" ORDER BY id DESC LIMIT 1").
-		Scan(&m.ID, &m.At, &m.Node, &m.Kind, &m.Run, &m.Data)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	return &m, nil
 }
 
 // Read returns the messages with id > after, in order.

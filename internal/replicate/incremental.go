@@ -9,6 +9,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgswo/swo/internal/capture"
+	"github.com/pgswo/swo/internal/schema"
 )
 
 // batch is the set of distinct captured keys of one round, by table oid.
@@ -18,20 +21,17 @@ type batch struct {
 	keys    map[uint32][][]string
 }
 
-// readBatch reads up to limit change rows (all if limit <= 0), oldest first.
-func (e *Engine) readBatch(ctx context.Context, q interface {
-	Query(context.Context, string, ...any) (pgx.Rows, error)
-}, limit int) (*batch, error) {
+// changesSQL selects up to limit change rows (all if limit <= 0), oldest first.
+func (e *Engine) changesSQL(limit int) string {
 	sql := "SELECT id, tbl, k FROM " + e.capture().ChangesTable() + " ORDER BY id"
-	args := []any{}
 	if limit > 0 {
-		sql += " LIMIT $1"
-		args = append(args, limit)
+		sql += fmt.Sprintf(" LIMIT %d", limit)
 	}
-	rows, err := q.Query(ctx, sql, args...)
-	if err != nil {
-		return nil, fmt.Errorf("read captured changes: %w", err)
-	}
+	return sql
+}
+
+// collectBatch reads change rows into a batch of distinct keys per table.
+func collectBatch(rows pgx.Rows) (*batch, error) {
 	defer rows.Close()
 	b := &batch{keys: map[uint32][][]string{}}
 	seen := map[string]bool{}
@@ -53,29 +53,37 @@ func (e *Engine) readBatch(ctx context.Context, q interface {
 		seen[sig] = true
 		b.keys[tbl] = append(b.keys[tbl], k)
 	}
-	return b, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read captured changes: %w", err)
+	}
+	return b, nil
 }
 
-// apply deletes the batch's keys in the target and inserts the rows the
-// source holds for them now (in src's transaction), inside dst's transaction.
-func (e *Engine) apply(ctx context.Context, src *pgconn.PgConn, dst pgx.Tx, b *batch) (rows int64, err error) {
+// tables returns the batch's tables in oid order (a deterministic order).
+func (e *Engine) tables(b *batch) ([]*schema.Table, error) {
 	oids := make([]uint32, 0, len(b.keys))
 	for oid := range b.keys {
 		oids = append(oids, oid)
 	}
 	sort.Slice(oids, func(i, j int) bool { return oids[i] < oids[j] })
-	for _, oid := range oids {
-		t := e.Source.TableByOID(oid)
-		if t == nil {
-			return rows, fmt.Errorf("captured changes for a table that is not synced (oid %d): RESET and EXECUTE again", oid)
+	out := make([]*schema.Table, len(oids))
+	for i, oid := range oids {
+		if out[i] = e.Source.TableByOID(oid); out[i] == nil {
+			return nil, fmt.Errorf("captured changes for a table that is not synced (oid %d): RESET and EXECUTE again", oid)
 		}
-		d := e.target(t)
-		keys := b.keys[oid]
+	}
+	return out, nil
+}
+
+// queueDeletes queues, on the target, the deletion of every key of the batch.
+func (e *Engine) queueDeletes(q *pgx.Batch, b *batch, tables []*schema.Table) error {
+	for _, t := range tables {
+		keys := b.keys[t.OID]
 		types := pkTypes(t)
 		cols := make([][]string, len(t.PrimaryKey))
 		for _, k := range keys {
 			if len(k) != len(cols) {
-				return rows, fmt.Errorf("%s: captured key %v does not match the primary key (%s)", t, k, strings.Join(t.PrimaryKey, ", "))
+				return fmt.Errorf("%s: captured key %v does not match the primary key (%s)", t, k, strings.Join(t.PrimaryKey, ", "))
 			}
 			for i := range cols {
 				cols[i] = append(cols[i], k[i])
@@ -91,11 +99,17 @@ func (e *Engine) apply(ctx context.Context, src *pgconn.PgConn, dst pgx.Tx, b *b
 			params[i] = fmt.Sprintf("$%d::text[]", i+1)
 			conds[i] = fmt.Sprintf("d.%s = k.c%d::%s", pgx.Identifier{t.PrimaryKey[i]}.Sanitize(), i+1, types[i])
 		}
-		del := fmt.Sprintf("DELETE FROM %s d USING unnest(%s) AS k(%s) WHERE %s",
-			d.QName(), strings.Join(params, ", "), strings.Join(aliases, ", "), strings.Join(conds, " AND "))
-		if _, err := dst.Exec(ctx, del, args...); err != nil {
-			return rows, fmt.Errorf("%s: delete changed keys in the target: %w", t, err)
-		}
+		q.Queue(fmt.Sprintf("DELETE FROM %s d USING unnest(%s) AS k(%s) WHERE %s",
+			e.target(t).QName(), strings.Join(params, ", "), strings.Join(aliases, ", "), strings.Join(conds, " AND ")), args...)
+	}
+	return nil
+}
+
+// copyRows inserts into the target (in its open transaction) the rows the
+// source holds now (in its open transaction) for the batch's keys.
+func (e *Engine) copyRows(ctx context.Context, src, dst *pgconn.PgConn, b *batch, tables []*schema.Table) (rows int64, err error) {
+	for _, t := range tables {
+		types := pkTypes(t)
 		wcols := t.WritableColumns()
 		pk := make([]string, len(t.PrimaryKey))
 		casts := make([]string, len(t.PrimaryKey))
@@ -104,9 +118,9 @@ func (e *Engine) apply(ctx context.Context, src *pgconn.PgConn, dst pgx.Tx, b *b
 			casts[i] = fmt.Sprintf("c.k[%d]::%s", i+1, types[i])
 		}
 		srcSQL := fmt.Sprintf("COPY (SELECT %s FROM ONLY %s s WHERE (%s) IN (SELECT %s FROM %s c WHERE c.tbl = %d AND c.id <= %d)) TO STDOUT",
-			columnList(wcols, "s."), t.QName(), strings.Join(pk, ", "), strings.Join(casts, ", "), e.capture().ChangesTable(), oid, b.maxID)
-		dstSQL := fmt.Sprintf("COPY %s (%s) FROM STDIN", d.QName(), columnList(wcols, ""))
-		n, err := pipeCopy(ctx, src, srcSQL, dst.Conn().PgConn(), dstSQL, nil)
+			columnList(wcols, "s."), t.QName(), strings.Join(pk, ", "), strings.Join(casts, ", "), e.capture().ChangesTable(), t.OID, b.maxID)
+		dstSQL := fmt.Sprintf("COPY %s (%s) FROM STDIN", e.target(t).QName(), columnList(wcols, ""))
+		n, err := pipeCopy(ctx, src, srcSQL, dst, dstSQL, nil)
 		if err != nil {
 			return rows, fmt.Errorf("%s: copy changed rows: %w", t, err)
 		}
@@ -135,7 +149,11 @@ func (e *Engine) Round(ctx context.Context, src, dst *pgx.Conn, limit int) (Roun
 	if err := e.capture().Alive(ctx, srcTx); err != nil {
 		return res, err
 	}
-	b, err := e.readBatch(ctx, srcTx, limit)
+	rows, err := srcTx.Query(ctx, e.changesSQL(limit))
+	if err != nil {
+		return res, fmt.Errorf("read captured changes: %w", err)
+	}
+	b, err := collectBatch(rows)
 	if err != nil || b.changes == 0 {
 		return res, err
 	}
@@ -143,8 +161,19 @@ func (e *Engine) Round(ctx context.Context, src, dst *pgx.Conn, limit int) (Roun
 	for _, ks := range b.keys {
 		res.Keys += len(ks)
 	}
+	tables, err := e.tables(b)
+	if err != nil {
+		return res, err
+	}
 	err = pgx.BeginFunc(ctx, dst, func(dstTx pgx.Tx) error {
-		res.Rows, err = e.apply(ctx, src.PgConn(), dstTx, b)
+		q := &pgx.Batch{}
+		if err := e.queueDeletes(q, b, tables); err != nil {
+			return err
+		}
+		if err := dstTx.SendBatch(ctx, q).Close(); err != nil {
+			return fmt.Errorf("delete changed keys in the target: %w", err)
+		}
+		res.Rows, err = e.copyRows(ctx, src.PgConn(), dstTx.Conn().PgConn(), b, tables)
 		return err
 	})
 	if err != nil {
@@ -209,56 +238,88 @@ type FinalResult struct {
 	Rows      int64
 	Sequences int
 	Duration  time.Duration
+	// Consume deletes the applied changes: the caller runs it in the source
+	// transaction (with the statements that mark the switch).
+	Consume string
 }
 
-// Final runs the last round inside the pause. srcTx is the caller's
-// transaction on the source, which will commit the switch: Final first locks
-// the change table in ACCESS EXCLUSIVE mode, which waits for every
-// transaction that captured a change and blocks any further captured write
-// until srcTx ends, so the source's synced tables are frozen while Final reads
-// them. It applies the remaining changes, carries the sequences over,
-// restores foreign keys (NOT VALID) and triggers on the target, and commits
-// the target; then it consumes the changes in srcTx. The caller commits srcTx
+// Final runs the last round inside the pause, in few round trips. srcTx is
+// the caller's transaction on the source, which will commit the switch:
+// Final first locks the change table in ACCESS EXCLUSIVE mode, which waits for
+// every transaction that captured a change and blocks any further captured
+// write until srcTx ends, so the source's synced tables are frozen while
+// Final reads them. It applies the remaining changes, carries the sequences
+// over, restores foreign keys (NOT VALID) and triggers on the target, and
+// commits the target. The caller then runs res.Consume and commits srcTx
 // after marking the switch in it.
-func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (FinalResult, error) {
+func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res FinalResult, err error) {
 	start := time.Now()
-	var res FinalResult
-	if _, err := srcTx.Exec(ctx, "LOCK TABLE "+e.capture().ChangesTable()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
-		return res, fmt.Errorf("final sync: lock the change table: %w", err)
+	// Source, one round trip: lock, capture intact, changes, sequences.
+	var (
+		alive bool
+		b     *batch
+		seqs  seqValues
+	)
+	q := &pgx.Batch{}
+	q.Queue("LOCK TABLE " + e.capture().ChangesTable() + " IN ACCESS EXCLUSIVE MODE")
+	q.Queue(e.capture().AliveSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&alive) })
+	q.Queue(e.changesSQL(0)).Query(func(rows pgx.Rows) (err error) { b, err = collectBatch(rows); return err })
+	names := e.sequenceNames()
+	if len(names) > 0 {
+		q.Queue(sequencesSQL, names).Query(func(rows pgx.Rows) (err error) { seqs, err = collectSequences(rows); return err })
 	}
-	if err := e.capture().Alive(ctx, srcTx); err != nil {
-		return res, err
+	if err := srcTx.SendBatch(ctx, q).Close(); err != nil {
+		return res, fmt.Errorf("final sync: read the source: %w", err)
 	}
-	b, err := e.readBatch(ctx, srcTx, 0)
+	if !alive {
+		return res, capture.ErrLost
+	}
+	res.Changes, res.Sequences = b.changes, len(seqs.names)
+	tables, err := e.tables(b)
 	if err != nil {
 		return res, err
 	}
-	res.Changes = b.changes
-	err = pgx.BeginFunc(ctx, dst, func(dstTx pgx.Tx) error {
-		var err error
-		if res.Rows, err = e.apply(ctx, srcTx.Conn().PgConn(), dstTx, b); err != nil {
-			return err
+
+	// Target: [begin, deletes, undo records], the rows, [sequences, keys and
+	// triggers back, commit].
+	defer func() {
+		if err != nil && dst.PgConn().TxStatus() != 'I' {
+			_, _ = dst.Exec(context.Background(), "ROLLBACK")
 		}
-		if res.Sequences, err = e.syncSequences(ctx, srcTx, dstTx); err != nil {
-			return err
-		}
-		return e.finishTarget(ctx, dstTx)
-	})
-	if err != nil {
+	}()
+	var recs []undoRecord
+	q = &pgx.Batch{}
+	q.Queue("BEGIN")
+	if err := e.queueDeletes(q, b, tables); err != nil {
+		return res, err
+	}
+	q.Queue("SELECT id, tbl, kind, name, restore FROM "+e.q("target_undo")+" WHERE kind = ANY($1) ORDER BY id", []string{undoFK, undoTrigger}).
+		Query(func(rows pgx.Rows) (err error) { recs, err = collectUndo(rows); return err })
+	if err := dst.SendBatch(ctx, q).Close(); err != nil {
 		return res, fmt.Errorf("final sync: %w", err)
 	}
+	if res.Rows, err = e.copyRows(ctx, srcTx.Conn().PgConn(), dst.PgConn(), b, tables); err != nil {
+		return res, fmt.Errorf("final sync: %w", err)
+	}
+	q = &pgx.Batch{}
+	if len(seqs.names) > 0 {
+		q.Queue(setSequencesSQL, seqs.schemas, seqs.names, seqs.values, seqs.called)
+	}
+	e.queueFinish(q, recs)
+	q.Queue("COMMIT")
+	if err := dst.SendBatch(ctx, q).Close(); err != nil {
+		return res, fmt.Errorf("final sync: finish the target: %w", err)
+	}
 	if b.changes > 0 {
-		if _, err := srcTx.Exec(ctx, "DELETE FROM "+e.capture().ChangesTable()+" WHERE id <= $1", b.maxID); err != nil {
-			return res, fmt.Errorf("final sync: consume changes: %w", err)
-		}
+		res.Consume = fmt.Sprintf("DELETE FROM %s WHERE id <= %d", e.capture().ChangesTable(), b.maxID)
 	}
 	res.Duration = time.Since(start)
 	return res, nil
 }
 
-// syncSequences sets every synced sequence of the target to the source's
-// state, in one round trip each way.
-func (e *Engine) syncSequences(ctx context.Context, src, dst pgx.Tx) (int, error) {
+// sequenceNames lists the synced sequences: free-standing ones and those
+// owned by synced tables.
+func (e *Engine) sequenceNames() []string {
 	var names []string
 	for _, s := range e.Source.Sequences {
 		if s.OwnedBy != "" {
@@ -269,33 +330,33 @@ func (e *Engine) syncSequences(ctx context.Context, src, dst pgx.Tx) (int, error
 		}
 		names = append(names, s.String())
 	}
-	if len(names) == 0 {
-		return 0, nil
-	}
-	rows, err := src.Query(ctx, `SELECT schemaname::text, sequencename::text, coalesce(last_value, start_value), last_value IS NOT NULL
-FROM pg_sequences WHERE schemaname || '.' || sequencename = ANY($1)`, names)
-	if err != nil {
-		return 0, fmt.Errorf("read sequences: %w", err)
-	}
-	var schemas, seqs []string
-	var values []int64
-	var called []bool
+	return names
+}
+
+const sequencesSQL = `SELECT schemaname::text, sequencename::text, coalesce(last_value, start_value), last_value IS NOT NULL
+FROM pg_sequences WHERE schemaname || '.' || sequencename = ANY($1)`
+
+const setSequencesSQL = `SELECT setval(format('%I.%I', s, n)::regclass, v, c)
+FROM unnest($1::text[], $2::text[], $3::int8[], $4::bool[]) AS x(s, n, v, c)`
+
+// seqValues are the states of sequences, column-wise for setSequencesSQL.
+type seqValues struct {
+	schemas, names []string
+	values         []int64
+	called         []bool
+}
+
+func collectSequences(rows pgx.Rows) (seqValues, error) {
+	defer rows.Close()
+	var v seqValues
 	for rows.Next() {
 		var s, n string
-		var v int64
+		var x int64
 		var c bool
-		if err := rows.Scan(&s, &n, &v, &c); err != nil {
-			return 0, err
+		if err := rows.Scan(&s, &n, &x, &c); err != nil {
+			return v, err
 		}
-		schemas, seqs, values, called = append(schemas, s), append(seqs, n), append(values, v), append(called, c)
+		v.schemas, v.names, v.values, v.called = append(v.schemas, s), append(v.names, n), append(v.values, x), append(v.called, c)
 	}
-	if err := rows.Err(); err != nil {
-		return 0, err
-	}
-	_, err = dst.Exec(ctx, `SELECT setval(format('%I.%I', s, n)::regclass, v, c)
-FROM unnest($1::text[], $2::text[], $3::int8[], $4::bool[]) AS x(s, n, v, c)`, schemas, seqs, values, called)
-	if err != nil {
-		return 0, fmt.Errorf("set sequences: %w", err)
-	}
-	return len(seqs), nil
+	return v, rows.Err()
 }

@@ -49,10 +49,7 @@ func (e *Engine) undoRecords(ctx context.Context, conn *pgx.Conn, kinds ...strin
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (undoRecord, error) {
-		var u undoRecord
-		return u, r.Scan(&u.id, &u.tbl, &u.kind, &u.name, &u.restore)
-	})
+	return collectUndo(rows)
 }
 
 // Prepare readies the target for the initial copy (see the package doc):
@@ -245,25 +242,12 @@ func (e *Engine) applyUndo(ctx context.Context, conn *pgx.Conn, r undoRecord) er
 	})
 }
 
-// finishTarget runs inside the final target transaction: foreign keys come
-// back NOT VALID (checked for new rows from now on, existing rows validated
-// after the switch) and triggers are enabled again. The records of loaded
-// tables stay until Finish: if the switch does not commit after all, an
-// abort still empties them.
-func (e *Engine) finishTarget(ctx context.Context, tx pgx.Tx) error {
-	rows, err := tx.Query(ctx, "SELECT id, tbl, kind, name, restore FROM "+e.q("target_undo")+" WHERE kind = ANY($1) ORDER BY id",
-		[]string{undoFK, undoTrigger})
-	if err != nil {
-		return err
-	}
-	recs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (undoRecord, error) {
-		var u undoRecord
-		return u, r.Scan(&u.id, &u.tbl, &u.kind, &u.name, &u.restore)
-	})
-	if err != nil {
-		return err
-	}
-	b := &pgx.Batch{}
+// queueFinish queues what the final target transaction does besides the
+// rows: foreign keys come back NOT VALID (checked for new rows from now on,
+// existing rows validated after the switch) and triggers are enabled again.
+// The records of loaded tables stay until Finish: if the switch does not
+// commit after all, an abort still empties them.
+func (e *Engine) queueFinish(b *pgx.Batch, recs []undoRecord) {
 	for _, r := range recs {
 		switch r.kind {
 		case undoFK:
@@ -275,7 +259,13 @@ func (e *Engine) finishTarget(ctx context.Context, tx pgx.Tx) error {
 		}
 	}
 	b.Queue("DELETE FROM "+e.q("target_undo")+" WHERE kind = ANY($1)", []string{undoFK, undoTrigger})
-	return tx.SendBatch(ctx, b).Close()
+}
+
+func collectUndo(rows pgx.Rows) ([]undoRecord, error) {
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (undoRecord, error) {
+		var u undoRecord
+		return u, r.Scan(&u.id, &u.tbl, &u.kind, &u.name, &u.restore)
+	})
 }
 
 // Finish runs after the switch committed: the target is live, its loaded
