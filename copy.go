@@ -322,7 +322,14 @@ func (c *Connector) startLeading(run int64) {
 	lr := &leaderRun{run: run, cancel: cancel, done: make(chan struct{}), progress: &replicate.Progress{}}
 	c.leading = lr
 	go func() {
-		defer close(lr.done)
+		defer func() {
+			c.leadMu.Lock()
+			if c.leading == lr {
+				c.leading = nil
+			}
+			c.leadMu.Unlock()
+			close(lr.done)
+		}()
 		c.lead(ctx, lr)
 	}()
 }

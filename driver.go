@@ -58,8 +58,9 @@ type Connector struct {
 	view        view
 	viewChanged chan struct{} // closed and replaced at every state change
 
-	leadMu  sync.Mutex
-	leading *leaderRun // the run this node leads, if any
+	leadMu    sync.Mutex
+	leading   *leaderRun   // the run this node leads, if any
+	resetting atomic.Int64 // the run this node's Reset is working on, if any
 
 	// testHook, if set, is called by the leader at each phase boundary;
 	// tests use it to inject faults at exact points.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -394,4 +395,31 @@ func connectDuringCommit(t *testing.T) (violations, errs, waited int) {
 		}
 	}
 	return violations, errs, waited
+}
+
+// TestLeaderThatLosesItsRunFailsIt: the leading node stays alive but its run
+// ends without a result (as when the old database was unreachable when it
+// tried to report): the run must not hang; it fails, and can be run again.
+func TestLeaderThatLosesItsRunFailsIt(t *testing.T) {
+	tc := newCluster(t, 2, false, nil)
+	ctx := testCtx(t)
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tc.nodes[1].testHook = func(_ context.Context, phase string) {
+		if phase == "initial copy" {
+			runtime.Goexit() // the run's goroutine vanishes
+		}
+	}
+	err := tc.nodes[1].Execute(ctx)
+	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "stopped working on the run") {
+		t.Fatalf("EXECUTE whose leader lost its run: %v", err)
+	}
+	tc.nodes[1].testHook = nil
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tc.nodes[1].Execute(ctx); err != nil {
+		t.Fatal(err)
+	}
 }

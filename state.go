@@ -381,12 +381,22 @@ func (c *Connector) checkOwner(ctx context.Context, conn *pgx.Conn) error {
 	if time.Since(v.Since) < nodeTimeout {
 		return nil // give a state just begun one timeout before judging its owner
 	}
-	for _, n := range v.Nodes {
-		if n.ID == v.Owner && n.Alive {
+	reason := fmt.Sprintf("node %s (%s) stopped answering during %s", v.Owner, nodeName(v.Nodes, v.Owner), v.State)
+	if v.Owner == c.id {
+		// This node owns the run: it must be working on it. If it is not (its
+		// work ended without a word, say because the old database was
+		// unreachable when it tried to report), the run is over.
+		if c.owns(v) {
 			return nil
 		}
+		reason = fmt.Sprintf("node %s (%s) stopped working on the run during %s without a result", c.id, c.cfg.NodeName, v.State)
+	} else {
+		for _, n := range v.Nodes {
+			if n.ID == v.Owner && n.Alive {
+				return nil
+			}
+		}
 	}
-	reason := fmt.Sprintf("node %s (%s) stopped answering during %s", v.Owner, nodeName(v.Nodes, v.Owner), v.State)
 	_, err := c.msgs.Append(ctx, conn, c.id, msglog.KindFailed, v.Run, failedData{Error: reason}, sameRun(v.Run, v.LastID))
 	if errors.Is(err, msglog.ErrRefused) {
 		return nil
@@ -395,6 +405,16 @@ func (c *Connector) checkOwner(ctx context.Context, conn *pgx.Conn) error {
 		c.log.Warn("swo: run failed: " + reason)
 	}
 	return err
+}
+
+// owns reports whether this node is doing the work of the run in v.
+func (c *Connector) owns(v view) bool {
+	if v.State == StateResetting {
+		return c.resetting.Load() == v.Run
+	}
+	c.leadMu.Lock()
+	defer c.leadMu.Unlock()
+	return c.leading != nil && c.leading.run == v.Run
 }
 
 // sameRun refuses an append if anything was appended since the view was

@@ -230,6 +230,8 @@ func (c *Connector) Reset(ctx context.Context) error {
 	if err != nil {
 		return c.scrub(fmt.Errorf("swo: reset: %w", err))
 	}
+	c.resetting.Store(m.Run)
+	defer c.resetting.Store(0)
 	c.poke()
 	c.log.Info("swo: RESET", "run", m.Run)
 	resetErr := c.resetRun(ctx, conn)

@@ -63,6 +63,9 @@ func (p *Progress) Snapshot() Snapshot {
 	started := p.started
 	p.mu.Unlock()
 	s.RowsDone, s.RowsTotal = p.rowsDone.Load(), p.rowsTotal.Load()
+	if s.RowsTotal > 0 && s.RowsDone > s.RowsTotal {
+		s.RowsTotal = s.RowsDone // totals are estimates
+	}
 	s.BytesDone, s.BytesTotal = p.bytesDone.Load(), p.bytesTotal.Load()
 	if !started.IsZero() {
 		s.Elapsed = time.Since(started)
