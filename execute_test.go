@@ -88,13 +88,14 @@ type ack struct {
 // load writes through every node's *sql.DB: each write is a transaction that
 // inserts a ledger row and increments a counter.
 type load struct {
-	stop   chan struct{}
-	wg     sync.WaitGroup
-	mu     sync.Mutex
-	acks   []ack
-	errs   []error
-	count  atomic.Int64
-	report func(ack) // if set, called with each acknowledged write
+	stop     chan struct{}
+	wg       sync.WaitGroup
+	mu       sync.Mutex
+	acks     []ack
+	errs     []error
+	count    atomic.Int64
+	report   func(ack) // if set, called with each acknowledged write
+	tolerate bool      // keep writing after an error (a database is down on purpose)
 }
 
 func startLoad(tc *testCluster, workers int) *load {
@@ -138,7 +139,11 @@ func (l *load) run(db *sql.DB, node, worker int) {
 		if err != nil {
 			l.errs = append(l.errs, fmt.Errorf("node %d worker %d seq %d: %w", node, worker, seq, err))
 			l.mu.Unlock()
-			return
+			if !l.tolerate {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+			continue
 		}
 		l.acks = append(l.acks, a)
 		l.mu.Unlock()

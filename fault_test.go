@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"runtime"
 	"strings"
 	"sync"
@@ -422,4 +423,107 @@ func TestLeaderThatLosesItsRunFailsIt(t *testing.T) {
 	if err := tc.nodes[1].Execute(ctx); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// clusterOn is newCluster with the old and next databases given.
+func clusterOn(t *testing.T, old, next *pgtest.Database, n int) *testCluster {
+	t.Helper()
+	tc := &testCluster{old: old, next: next}
+	pgtest.Exec(t, old.URL, ledgerSchema+ledgerSeed)
+	pgtest.Exec(t, next.URL, ledgerSchema)
+	for i := 0; i < n; i++ {
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL, NodeName: fmt.Sprintf("node-%d", i),
+			PauseBudget: 5 * time.Second, SyncWorkers: 2})
+		db := openDB(t, c)
+		db.SetMaxOpenConns(8)
+		tc.nodes = append(tc.nodes, c)
+		tc.dbs = append(tc.dbs, db)
+	}
+	tc.awaitNodes(t, n)
+	return tc
+}
+
+// TestNewDatabaseGoesAway kills the new database's server in the middle of a
+// run: the service, on the old database, sees nothing; the run fails; once
+// the server is back, RESET and EXECUTE succeed.
+func TestNewDatabaseGoesAway(t *testing.T) {
+	srv := pgtest.NewServer(t)
+	tc := clusterOn(t, pgtest.NewDatabase(t), srv.NewDatabase(t), 2)
+	ctx := testCtx(t)
+	l := startLoad(tc, 2)
+	defer l.halt()
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tc.nodes[0].testHook = func(_ context.Context, phase string) {
+		if phase == "initial copy" {
+			if err := srv.Kill(ctx); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	if err := tc.nodes[0].Execute(ctx); !errors.Is(err, ErrRunFailed) {
+		t.Fatalf("EXECUTE with the new database gone: %v", err)
+	}
+	tc.nodes[0].testHook = nil
+	if err := tc.nodes[0].Reset(ctx); err == nil {
+		t.Fatal("RESET succeeded with the new database down")
+	}
+	if err := srv.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tc.nodes[1].Execute(ctx); err != nil {
+		t.Fatal(err)
+	}
+	n := l.count.Load()
+	waitFor(t, func() bool { return l.count.Load() > n+20 })
+	l.check(t, tc, doneAt(t, tc))
+}
+
+// TestOldDatabaseGoesAway crashes the old database's server in the middle of
+// a run. While it is down the service cannot write (it is the live
+// database); once it is back the service regains it, the run has failed
+// (capture's unlogged changes did not survive the crash), and RESET and
+// EXECUTE succeed with every acknowledged write in the new database.
+func TestOldDatabaseGoesAway(t *testing.T) {
+	srv := pgtest.NewServer(t)
+	tc := clusterOn(t, srv.NewDatabase(t), pgtest.NewDatabase(t), 2)
+	ctx := testCtx(t)
+	l := startLoad(tc, 2)
+	l.tolerate = true // writes fail while the live database is down
+	defer l.halt()
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tc.nodes[1].testHook = func(_ context.Context, phase string) {
+		if phase == "initial copy" {
+			if err := srv.Kill(ctx); err != nil {
+				t.Error(err)
+			}
+			if err := srv.Restart(ctx); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	err := tc.nodes[1].Execute(ctx)
+	t.Logf("EXECUTE across the crash: %v", err)
+	if err == nil {
+		t.Fatal("the run survived a crash of the old database, whose captured changes were lost")
+	}
+	tc.nodes[1].testHook = nil
+	n := l.count.Load()
+	waitFor(t, func() bool { return l.count.Load() > n+50 }) // the service regained its database
+	var reset error
+	waitFor(t, func() bool { reset = tc.nodes[0].Reset(ctx); return reset == nil })
+	if err := tc.nodes[0].Execute(ctx); err != nil {
+		t.Fatal(err)
+	}
+	n = l.count.Load()
+	waitFor(t, func() bool { return l.count.Load() > n+20 })
+	l.halt()
+	t.Logf("%d writes failed while the old database was down", len(l.errs))
+	checkAcks(t, tc, doneAt(t, tc), l.acks, true)
 }

@@ -157,21 +157,25 @@ func (ls *localServer) signal(ctx context.Context, sig syscall.Signal, group boo
 		return nil
 	}
 	pid := ls.cmd.Process.Pid
+	var children []int
 	if group {
-		pid = -pid
+		children = childrenOf(pid) // backends: killed with the postmaster, as in a machine crash
 	}
 	if err := syscall.Kill(pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
 		return err
+	}
+	for _, c := range children {
+		_ = syscall.Kill(c, sig)
 	}
 	select {
 	case <-ls.exited:
 	case <-ctx.Done():
 		return fmt.Errorf("pgtest: server did not exit after %v: %w", sig, ctx.Err())
 	}
-	if group {
-		// Backends of a killed postmaster may still be exiting; wait until
-		// nothing of the group is left so that a restart finds no shared memory in use.
-		for syscall.Kill(pid, 0) == nil {
+	// Wait until every backend is gone, so that a restart finds no shared
+	// memory in use.
+	for _, c := range children {
+		for syscall.Kill(c, 0) == nil && processState(c) != "Z" {
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
@@ -181,6 +185,43 @@ func (ls *localServer) signal(ctx context.Context, sig syscall.Signal, group boo
 	}
 	ls.cmd = nil
 	return nil
+}
+
+// childrenOf lists the processes whose parent is pid (from /proc).
+func childrenOf(pid int) []int {
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces, so parse after the last ')'.
+		fields := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		if len(fields) > 1 {
+			if ppid, _ := strconv.Atoi(fields[1]); ppid == pid {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+// processState is the state letter of a process ("" if gone).
+func processState(pid int) string {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return ""
+	}
+	fields := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	if len(fields) == 0 {
+		return ""
+	}
+	return fields[0]
 }
 
 func (ls *localServer) stop(ctx context.Context) error { return ls.signal(ctx, syscall.SIGINT, false) }

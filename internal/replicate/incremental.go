@@ -215,7 +215,7 @@ func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Dur
 		e.progress().rowsTotal.Store(e.progress().rowsDone.Load() + backlog)
 		res, err := e.Round(ctx, src, dst, limit)
 		if err != nil {
-			return fmt.Errorf("incremental sync: %w", err)
+			return err
 		}
 		e.progress().Add(int64(res.Changes), 0)
 		e.log().Debug("swo: incremental round", "changes", res.Changes, "keys", res.Keys, "rows", res.Rows,
