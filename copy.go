@@ -514,7 +514,7 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 	if res.Consume != "" {
 		mark = append(mark, res.Consume)
 	}
-	done := doneData{PauseMS: time.Since(pauseStart).Milliseconds(), FinalMS: time.Since(finalStart).Milliseconds(), Changes: res.Changes}
+	done := doneData{To: c.next.info.ID, PauseMS: time.Since(pauseStart).Milliseconds(), FinalMS: time.Since(finalStart).Milliseconds(), Changes: res.Changes}
 	if m, err = c.msgs.AppendTx(ctx, tx, c.id, msglog.KindDone, lr.run, done, stillRunning(msglog.KindExecuting), mark...); err != nil {
 		return err
 	}

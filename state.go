@@ -136,9 +136,10 @@ type (
 		FinalMS  int64 `json:"final_ms"`
 	}
 	doneData struct {
-		PauseMS int64 `json:"pause_ms"` // the stop-the-world window as the leader measured it
-		FinalMS int64 `json:"final_ms"` // of which the final sync and commit
-		Changes int   `json:"changes"`  // changes applied by the final sync
+		To      uuid.UUID `json:"to"`       // identity of the database switched to
+		PauseMS int64     `json:"pause_ms"` // the stop-the-world window as the leader measured it
+		FinalMS int64     `json:"final_ms"` // of which the final sync and commit
+		Changes int       `json:"changes"`  // changes applied by the final sync
 	}
 	failedData struct {
 		Error string `json:"error"`
@@ -329,7 +330,13 @@ func (c *Connector) observe(m msglog.Message) {
 		budget := time.Duration(v.Pause.BudgetMS+v.Pause.FinalMS)*time.Millisecond + 2*time.Second
 		c.pause(time.Now().Add(budget))
 	case StateDone:
-		c.switched(c.next.info.ID)
+		// The database switched to, as the leader knew it: a node configured
+		// with another --db-url-next refuses rather than follow it.
+		to := v.Done.To
+		if to == uuid.Nil {
+			to = c.next.info.ID
+		}
+		c.switched(to)
 	case StateIdle, StateFailed:
 		c.resume()
 	}
