@@ -10,20 +10,26 @@ import (
 )
 
 // conn wraps an application connection to the old database in switchover
-// mode. It embeds the pgx stdlib connection, so every query path is pgx's own
-// with no added work; it only adds what the connector needs to drain the old
-// database without failing a query:
+// mode. It embeds the pgx stdlib connection, so every query path is pgx's
+// own; it adds one atomic check per call so that the connector can drain the
+// old database without failing a query:
 //
-// database/sql calls IsValid when a connection comes back to its pool and
-// ResetSession when it takes a used one out again. The wrapper follows those
-// two calls to know whether database/sql holds the connection idle in its
-// pool (pooled) or has handed it to the application (busy). To drain, the
-// connector retires every connection: a pooled one is closed at once, which
-// releases its connection lock, and the ResetSession that would hand it out
-// again reports driver.ErrBadConn, so database/sql discards it and opens
-// another (which waits for the switch) before any work was done on it; a busy
-// one finishes what the application is doing (a query, a transaction, a
-// *sql.Conn) and is closed when IsValid sees it come back.
+// A connection is idle (in database/sql's pool, or just opened) or busy (in
+// the application's hands). Every entry point (ResetSession, and each call
+// that does work) marks it busy; IsValid, which database/sql calls when the
+// connection comes back to its pool, marks it idle. The states do not rely
+// on database/sql calling ResetSession before each hand-out (it does not for
+// fresh connections) nor IsValid before each pooling (it does not for
+// connections its opener parks): a call on a connection is what proves it
+// busy. To drain, the connector retires every connection: an idle one is
+// closed at once, which releases its connection lock, and its next call (if
+// database/sql hands it out) reports driver.ErrBadConn before doing any
+// work, so database/sql discards it and opens another, which waits for the
+// switch; a busy one finishes what the application is doing (a query, a
+// transaction, a *sql.Conn) and is closed when it comes back.
+//
+// Raw access (sql.Conn.Raw) bypasses these calls: do not hold a raw pgx
+// connection from the connector across a switchover.
 type conn struct {
 	*stdlib.Conn
 	c *Connector
@@ -33,21 +39,36 @@ type conn struct {
 	closeErr  error
 }
 
-// Connection states. Fresh connections are busy: database/sql hands them
-// straight to a caller.
+// Connection states.
 const (
-	connBusy       int32 = iota // held by the application
-	connPooled                  // idle in database/sql's pool
-	connBusyRetire              // held by the application; close when returned
-	connRetired                 // closed by the drain while pooled
+	connIdle       int32 = iota // in the pool, or not yet used
+	connBusy                    // in the application's hands
+	connBusyRetire              // in the application's hands; close when returned
+	connRetired                 // closed by the drain while idle
 )
 
-// retire closes the connection if it is pooled, or marks it to be closed when
+// enter marks the connection busy; false if it was retired.
+func (cn *conn) enter() bool {
+	for {
+		switch s := cn.state.Load(); s {
+		case connBusy, connBusyRetire:
+			return true
+		case connIdle:
+			if cn.state.CompareAndSwap(s, connBusy) {
+				return true
+			}
+		default:
+			return false
+		}
+	}
+}
+
+// retire closes the connection if it is idle, or marks it to be closed when
 // it comes back. Safe to call concurrently with database/sql's calls.
 func (cn *conn) retire() {
 	for {
 		switch s := cn.state.Load(); s {
-		case connPooled:
+		case connIdle:
 			if cn.state.CompareAndSwap(s, connRetired) {
 				_ = cn.closePhysical()
 				return
@@ -68,17 +89,79 @@ func (cn *conn) IsValid() bool {
 	if cn.Conn.Conn().IsClosed() {
 		return false
 	}
-	return cn.state.CompareAndSwap(connBusy, connPooled)
+	for {
+		switch s := cn.state.Load(); s {
+		case connIdle:
+			return true
+		case connBusy:
+			if cn.state.CompareAndSwap(s, connIdle) {
+				return true
+			}
+		default:
+			return false
+		}
+	}
 }
 
-// ResetSession implements driver.SessionResetter: database/sql calls it before
-// reusing a pooled connection. A retired connection reports ErrBadConn, so
-// database/sql discards it before doing any work on it.
+// ResetSession implements driver.SessionResetter: database/sql calls it
+// before reusing a pooled connection.
 func (cn *conn) ResetSession(ctx context.Context) error {
-	if !cn.state.CompareAndSwap(connPooled, connBusy) && cn.state.Load() != connBusy {
+	if !cn.enter() {
 		return driver.ErrBadConn
 	}
 	return cn.Conn.ResetSession(ctx)
+}
+
+// The calls that do work. Each is pgx's, behind enter.
+
+// PrepareContext implements driver.ConnPrepareContext.
+func (cn *conn) PrepareContext(ctx context.Context, query string) (driver.Stmt, error) {
+	if !cn.enter() {
+		return nil, driver.ErrBadConn
+	}
+	return cn.Conn.PrepareContext(ctx, query)
+}
+
+// Prepare implements driver.Conn.
+func (cn *conn) Prepare(query string) (driver.Stmt, error) {
+	return cn.PrepareContext(context.Background(), query)
+}
+
+// BeginTx implements driver.ConnBeginTx.
+func (cn *conn) BeginTx(ctx context.Context, opts driver.TxOptions) (driver.Tx, error) {
+	if !cn.enter() {
+		return nil, driver.ErrBadConn
+	}
+	return cn.Conn.BeginTx(ctx, opts)
+}
+
+// Begin implements driver.Conn.
+func (cn *conn) Begin() (driver.Tx, error) {
+	return cn.BeginTx(context.Background(), driver.TxOptions{})
+}
+
+// ExecContext implements driver.ExecerContext.
+func (cn *conn) ExecContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Result, error) {
+	if !cn.enter() {
+		return nil, driver.ErrBadConn
+	}
+	return cn.Conn.ExecContext(ctx, query, args)
+}
+
+// QueryContext implements driver.QueryerContext.
+func (cn *conn) QueryContext(ctx context.Context, query string, args []driver.NamedValue) (driver.Rows, error) {
+	if !cn.enter() {
+		return nil, driver.ErrBadConn
+	}
+	return cn.Conn.QueryContext(ctx, query, args)
+}
+
+// Ping implements driver.Pinger.
+func (cn *conn) Ping(ctx context.Context) error {
+	if !cn.enter() {
+		return driver.ErrBadConn
+	}
+	return cn.Conn.Ping(ctx)
 }
 
 // Close implements driver.Conn.

@@ -52,9 +52,11 @@ type syncRun struct {
 }
 
 // syncConfig returns the pgx settings of the library's sync sessions.
-func (c *Connector) syncConfig(e *endpoint) *pgx.ConnConfig {
+func (c *Connector) syncConfig(e *endpoint) *pgx.ConnConfig { return c.roleConfig(e, roleSync) }
+
+func (c *Connector) roleConfig(e *endpoint, role string) *pgx.ConnConfig {
 	cfg := e.cfg.Copy()
-	cfg.RuntimeParams["application_name"] = c.appName(e, roleSync)
+	cfg.RuntimeParams["application_name"] = c.appName(e, role)
 	return cfg
 }
 
@@ -104,7 +106,7 @@ func (c *Connector) check(ctx context.Context) (*syncRun, error) {
 		c:   c,
 		cap: capture.Capture{Schema: c.cfg.Namespace},
 		eng: &replicate.Engine{
-			Src: c.syncConfig(c.old), Dst: c.syncConfig(c.next),
+			Src: c.syncConfig(c.old), Dst: c.syncConfig(c.next), SourceID: c.old.info.ID,
 			Schema: c.cfg.Namespace, Source: source, Target: target,
 			Workers: c.cfg.SyncWorkers, Log: c.log, Progress: &replicate.Progress{},
 		},
@@ -140,6 +142,7 @@ func (r *syncRun) checkTarget(ctx context.Context) error {
 		return fmt.Errorf("check the new database's tables: %w", err)
 	}
 	r.keep = map[string]bool{}
+	r.eng.Keep = r.keep
 	if len(filled) == 0 {
 		return nil
 	}
@@ -182,7 +185,12 @@ func (r *syncRun) startCapture(ctx context.Context) error {
 		return r.c.scrub(err)
 	}
 	defer conn.Close(context.Background())
-	return r.cap.Install(ctx, conn, r.eng.Source.Tables, capture.Options{Timeout: r.c.cfg.CaptureTimeout})
+	if err := r.cap.Install(ctx, conn, r.eng.Source.Tables, capture.Options{Timeout: r.c.cfg.CaptureTimeout}); err != nil {
+		return err
+	}
+	// The shape of the tables and triggers now: the final sync checks that
+	// nothing changed it meanwhile.
+	return conn.QueryRow(ctx, r.cap.FingerprintSQL()).Scan(&r.eng.Fingerprint)
 }
 
 // prepare readies the target for the bulk load and marks it as being filled
@@ -194,7 +202,7 @@ func (r *syncRun) prepare(ctx context.Context) error {
 	}
 	defer conn.Close(context.Background())
 	mark := fmt.Sprintf("UPDATE %s SET filled_from = '%s'", r.c.meta.Table("meta"), r.c.old.info.ID)
-	return r.eng.Prepare(ctx, conn, r.keep, mark)
+	return r.eng.Prepare(ctx, conn, mark)
 }
 
 // initialCopy copies the data and rebuilds the target's indexes.
@@ -253,7 +261,10 @@ func (c *Connector) cleanup(ctx context.Context) error {
 	if err := (capture.Capture{Schema: c.cfg.Namespace}).Remove(ctx, src, capture.Options{Timeout: c.cfg.CaptureTimeout}); err != nil {
 		errs = append(errs, fmt.Errorf("old database: %w", err))
 	}
-	if err := replicate.Undo(ctx, c.syncConfig(c.next), c.cfg.Namespace); err != nil {
+	// Once the loaded rows are gone, the new database no longer holds data of
+	// a run: clearing it again needs the R5 check.
+	unmark := fmt.Sprintf("UPDATE %s SET filled_from = NULL", c.meta.Table("meta"))
+	if err := replicate.Undo(ctx, c.syncConfig(c.next), c.cfg.Namespace, c.old.info.ID, unmark); err != nil {
 		errs = append(errs, fmt.Errorf("new database: %w", err))
 	}
 	return c.scrub(errors.Join(errs...))
@@ -270,12 +281,12 @@ func (c *Connector) Verify(ctx context.Context) (VerifyReport, error) {
 	if c.next == nil {
 		return VerifyReport{}, fmt.Errorf("%w: Verify needs --db-url-next", ErrConfig)
 	}
-	src, err := replicate.Connect(ctx, c.syncConfig(c.old))
+	src, err := replicate.Connect(ctx, c.roleConfig(c.old, roleVerify))
 	if err != nil {
 		return VerifyReport{}, c.scrub(err)
 	}
 	defer src.Close(context.Background())
-	dst, err := replicate.Connect(ctx, c.syncConfig(c.next))
+	dst, err := replicate.Connect(ctx, c.roleConfig(c.next, roleVerify))
 	if err != nil {
 		return VerifyReport{}, c.scrub(err)
 	}
@@ -289,7 +300,7 @@ func (c *Connector) Verify(ctx context.Context) (VerifyReport, error) {
 	if err != nil {
 		return VerifyReport{}, err
 	}
-	rep, err := replicate.Verify(ctx, c.syncConfig(c.old), c.syncConfig(c.next),
+	rep, err := replicate.Verify(ctx, c.roleConfig(c.old, roleVerify), c.roleConfig(c.next, roleVerify),
 		source.Select(c.cfg.ExcludeTables), target.Select(c.cfg.ExcludeTables), c.cfg.SyncWorkers)
 	return rep, c.scrub(err)
 }
@@ -334,16 +345,18 @@ func (c *Connector) startLeading(run int64) {
 	}()
 }
 
-// stopLeading cancels the run this node leads (a RESET came, or Close): its
-// sessions end, which releases its locks; the resetter cleans up.
-func (c *Connector) stopLeading() {
+// stopLeading cancels the run this node leads (a RESET came, the run was
+// failed, or Close): its sessions end, which releases its locks; the
+// resetter cleans up. wait waits for the run's goroutine to end (Close only:
+// the run may itself be waiting to observe a message).
+func (c *Connector) stopLeading(wait bool) {
 	c.leadMu.Lock()
 	lr := c.leading
 	c.leading = nil
 	c.leadMu.Unlock()
 	if lr != nil {
 		lr.cancel()
-		if c.closed.Load() {
+		if wait {
 			<-lr.done
 		}
 	}
@@ -359,48 +372,84 @@ func (c *Connector) leaderProgress() *Progress {
 	return &p
 }
 
-// lead runs the execution and, if it fails (not cancelled), reports the
-// failure, which resumes every node on the old database, and cleans up.
+// lead runs the execution. It holds the exec lock throughout, on its own
+// session, so that no RESET cleans up under its feet and no other leader can
+// run. If the run fails (rather than being cancelled by a RESET), it reports
+// the failure, which resumes every node on the old database, and cleans up,
+// still under the exec lock.
 func (c *Connector) lead(ctx context.Context, lr *leaderRun) {
-	err := c.execute(ctx, lr)
-	if err == nil || ctx.Err() != nil {
+	sess, err := c.connect(ctx, c.old, roleLock)
+	if err != nil {
+		c.leadFailed(lr, nil, err)
 		return
 	}
-	err = c.scrub(err)
-	c.noteErr(fmt.Errorf("swo: execution failed: %w", err))
-	conn, cerr := c.connect(context.Background(), c.old, roleCtl)
-	if cerr != nil {
-		return // the nodes will notice this node's silence... or the old database is down: RESET later
+	defer closeBounded(sess)
+	if err := c.keys.lockExclusive(ctx, sess, lockExec, 30*time.Second); err != nil {
+		c.leadFailed(lr, nil, fmt.Errorf("take the execution lock (held by %s): %w", c.keys.holders(ctx, sess, lockExec), err))
+		return
 	}
-	defer conn.Close(context.Background())
-	_, aerr := c.msgs.Append(context.Background(), conn, c.id, msglog.KindFailed, lr.run, failedData{Error: err.Error()},
-		func(last *msglog.Message) error {
-			if last == nil || last.Run != lr.run || last.Kind == msglog.KindDone || last.Kind == msglog.KindFailed {
-				return errors.New("the run is over")
-			}
-			return nil
-		})
-	c.poke()
-	if aerr == nil {
-		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		if cerr := c.cleanup(cctx); cerr != nil {
-			c.noteErr(fmt.Errorf("swo: cleanup after the failed execution (RESET will retry): %w", cerr))
-		}
+	if err := c.execute(ctx, lr, sess); err != nil && ctx.Err() == nil {
+		c.leadFailed(lr, sess, err)
 	}
 }
 
-// execute is the leader's run. It holds the exec lock throughout, so that no
-// RESET cleans up under its feet and no other leader can run.
-func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
-	sess, err := c.connect(ctx, c.old, roleLock)
-	if err != nil {
-		return err
+// leadFailed reports a failed run and, if sess still holds the exec lock,
+// cleans up under it.
+func (c *Connector) leadFailed(lr *leaderRun, sess *pgx.Conn, err error) {
+	err = c.scrub(err)
+	c.noteErr(fmt.Errorf("swo: execution failed: %w", err))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn := sess
+	if conn == nil || conn.Ping(ctx) != nil {
+		sess = nil // the exec lock went with the session: RESET cleans up
+		var cerr error
+		if conn, cerr = c.connect(ctx, c.old, roleCtl); cerr != nil {
+			return // the old database is unreachable: the owner check fails the run later
+		}
+		defer closeBounded(conn)
 	}
-	defer sess.Close(context.Background())
-	if err := c.keys.lockExclusive(ctx, sess, lockExec, 30*time.Second); err != nil {
-		return fmt.Errorf("take the execution lock (held by %s): %w", c.keys.holders(ctx, sess, lockExec), err)
+	_, aerr := c.msgs.Append(ctx, conn, c.id, msglog.KindFailed, lr.run, failedData{Error: err.Error()}, runOpen(lr.run))
+	c.poke()
+	if aerr != nil || sess == nil {
+		return
 	}
+	// The pause window's server-side timeouts must not end the session (and
+	// the exec lock with it) in the middle of the cleanup.
+	if _, err := sess.Exec(ctx, `SELECT set_config('idle_in_transaction_session_timeout', '0', false),
+	CASE WHEN current_setting('server_version_num')::int >= 140000 THEN set_config('idle_session_timeout', '0', false) END`); err != nil {
+		return
+	}
+	cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer ccancel()
+	if cerr := c.cleanup(cctx); cerr != nil {
+		c.noteErr(fmt.Errorf("swo: cleanup after the failed execution (RESET will retry): %w", cerr))
+	}
+}
+
+// runOpen refuses an append once the run is over (switched, failed, reset).
+func runOpen(run int64) func(*msglog.Message) error {
+	return func(last *msglog.Message) error {
+		if last == nil || last.Run != run {
+			return errors.New("a new run started")
+		}
+		switch last.Kind {
+		case msglog.KindDone, msglog.KindConfirm, msglog.KindFailed:
+			return errors.New("the run is over")
+		}
+		return nil
+	}
+}
+
+// closeBounded closes a connection without waiting long on a dead network.
+func closeBounded(conn *pgx.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	conn.Close(ctx)
+}
+
+// execute is the leader's run, on sess, which holds the exec lock.
+func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) error {
 	stillRunning := func(kind string) func(*msglog.Message) error {
 		return func(last *msglog.Message) error {
 			if last == nil || last.Run != lr.run || last.Kind != kind {
@@ -410,12 +459,16 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 		}
 	}
 
-	// Sync while the service runs.
+	// Sync while the service runs. The guard stops every sync step of this
+	// run as soon as sess no longer holds the exec lock (a RESET took over).
 	r, err := c.check(ctx)
 	if err != nil {
 		return err
 	}
 	r.eng.Progress = lr.progress
+	r.eng.FinalTimeout = c.cfg.FinalTimeout
+	r.eng.Guard = fmt.Sprintf(`SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid::int4 = %d
+	AND objid::int4 = %d AND objsubid = 2 AND granted AND pid = %d)`, c.keys.space, lockExec, sess.PgConn().PID())
 	for _, step := range []struct {
 		name string
 		fn   func(context.Context) error
@@ -435,7 +488,7 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 	if err != nil {
 		return c.scrub(err)
 	}
-	defer dst.Close(context.Background())
+	defer closeBounded(dst)
 
 	// Announce the pause, so that nodes open their connections to the new
 	// database now, and catch up once more meanwhile.
@@ -458,8 +511,18 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 	}
 
 	// The pause: every node drains; the connection lock comes when the last
-	// application connection to the old database has gone.
+	// application connection to the old database has gone. The window has a
+	// deadline on both sides: here, and on the server, which ends this
+	// session (and so the window) if this process stalls inside it.
 	budget, finalBudget := c.cfg.PauseBudget, c.cfg.FinalTimeout
+	window := budget + finalBudget + 5*time.Second
+	ctx, cancel := context.WithTimeout(ctx, window)
+	defer cancel()
+	if _, err := sess.Exec(ctx, `SELECT set_config('idle_in_transaction_session_timeout', $1, false),
+	CASE WHEN current_setting('server_version_num')::int >= 140000 THEN set_config('idle_session_timeout', $1, false) END`,
+		fmt.Sprintf("%dms", window.Milliseconds())); err != nil {
+		return err
+	}
 	lr.progress.SetPhase("pausing", 0, 0)
 	pauseStart := time.Now()
 	m, err = c.msgs.Append(ctx, sess, c.id, msglog.KindPause, lr.run,
@@ -480,7 +543,11 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 		}
 		return err
 	}
-	defer c.keys.unlock(context.Background(), sess, lockConn) //nolint:errcheck
+	defer func() {
+		uctx, ucancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer ucancel()
+		_ = c.keys.unlock(uctx, sess, lockConn)
+	}()
 	if err := c.strayApplicationSessions(ctx, sess); err != nil {
 		return err
 	}
@@ -494,12 +561,19 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 	// Final sync and commit, in one transaction on the old database.
 	lr.progress.SetPhase("final sync", 0, 0)
 	finalStart := time.Now()
+	// synchronous_commit is pinned on: the switch must survive a crash of
+	// the old database whatever the role's or the database's setting.
 	tx, err := sess.BeginTx(ctx, pgx.TxOptions{BeginQuery: fmt.Sprintf(
-		"BEGIN; SET LOCAL statement_timeout = %[1]d; SET LOCAL lock_timeout = %[1]d", finalBudget.Milliseconds())})
+		"BEGIN; SET LOCAL statement_timeout = %[1]d; SET LOCAL lock_timeout = %[1]d; SET LOCAL synchronous_commit = on",
+		finalBudget.Milliseconds())})
 	if err != nil {
 		return err
 	}
-	defer tx.Rollback(context.Background()) //nolint:errcheck
+	defer func() {
+		rctx, rcancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer rcancel()
+		_ = tx.Rollback(rctx)
+	}()
 	res, err := r.eng.Final(ctx, tx, dst)
 	if err != nil {
 		return err
@@ -509,12 +583,12 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 	// The commit: consume the changes, mark the old database obsolete and
 	// make it refuse writes, log "done", in two round trips.
 	msg := fmt.Sprintf("swo: database %s is obsolete: it was switched over to database %s; writes are refused. Use the new database.",
-		c.old.info.ID, c.next.info.ID)
-	mark := append([]string{c.meta.MarkSwitchedSQL(c.next.info.ID)}, r.cap.RejectWritesSQL(msg)...)
+		c.old.info.ID, c.nextInfo().ID)
+	mark := append([]string{c.meta.MarkSwitchedSQL(c.nextInfo().ID)}, r.cap.RejectWritesSQL(msg)...)
 	if res.Consume != "" {
 		mark = append(mark, res.Consume)
 	}
-	done := doneData{To: c.next.info.ID, PauseMS: time.Since(pauseStart).Milliseconds(), FinalMS: time.Since(finalStart).Milliseconds(), Changes: res.Changes}
+	done := doneData{To: c.nextInfo().ID, PauseMS: time.Since(pauseStart).Milliseconds(), FinalMS: time.Since(finalStart).Milliseconds(), Changes: res.Changes}
 	if m, err = c.msgs.AppendTx(ctx, tx, c.id, msglog.KindDone, lr.run, done, stillRunning(msglog.KindExecuting), mark...); err != nil {
 		return err
 	}
@@ -527,9 +601,10 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun) error {
 		"final_changes", res.Changes)
 
 	// After the switch: validate the new database's foreign keys without
-	// blocking the service.
+	// blocking the service (outside the window's deadline).
+	cancel()
 	lr.progress.SetPhase("validating foreign keys", 0, 0)
-	if err := r.eng.Finish(ctx); err != nil {
+	if err := r.eng.Finish(context.WithoutCancel(ctx)); err != nil {
 		c.noteErr(fmt.Errorf("swo: switched, but validating foreign keys in the new database failed: %w", err))
 	}
 	lr.progress.SetPhase("done", 0, 0)
@@ -569,11 +644,11 @@ func (c *Connector) commitOutcome(commitErr error) error {
 func (c *Connector) strayApplicationSessions(ctx context.Context, conn *pgx.Conn) error {
 	var stray []string
 	rows, err := conn.Query(ctx, `SELECT a.pid || ' ' || a.application_name FROM pg_stat_activity a
-WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.application_name LIKE '%swo:app%'
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.application_name LIKE '%' || $3 || ':app%'
 	AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
 	AND a.backend_start < statement_timestamp() - interval '1 second'
 	AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory'
-		AND l.classid::int4 = $1 AND l.objid::int4 = $2 AND l.objsubid = 2)`, c.keys.space, lockConn)
+		AND l.classid::int4 = $1 AND l.objid::int4 = $2 AND l.objsubid = 2)`, c.keys.space, lockConn, c.cfg.Namespace)
 	if err != nil {
 		return err
 	}

@@ -47,13 +47,19 @@ type Connector struct {
 	stateMu   sync.Mutex
 	configErr error // why this node's configuration is invalid; nil if valid
 	lastErr   error
+	infoMu    sync.RWMutex // guards next.info, which a recheck may update
+	// lastRecheck is when follow last re-examined an invalid configuration
+	// (only follow uses it).
+	lastRecheck time.Time
 
 	// Cluster (switchover mode): the message log and node table in the old
 	// database, and this node's view of them, maintained by follow.
 	msgs        msglog.Log
 	nodes       cluster.Table
 	wake        chan struct{}
-	warm        chan driver.Conn // connections to the next database opened during the pause
+	warm        chan driver.Conn // connections to the next database opened before the pause
+	warmGen     atomic.Int64     // bumped when warm connections are dropped: stops a prewarm in progress
+	reactMu     sync.Mutex       // serialises observe
 	viewMu      sync.Mutex
 	view        view
 	viewChanged chan struct{} // closed and replaced at every state change
@@ -86,6 +92,7 @@ const (
 	roleCtl       = "ctl"        // the node's own control connection (never holds the connection lock)
 	roleSync      = "sync"       // data sync worker
 	roleLock      = "lock"       // the executor's stop-the-world lock session
+	roleVerify    = "verify"     // Verify's sessions
 )
 
 // target of new connections.
@@ -166,9 +173,11 @@ func (c *Connector) appConnector(e *endpoint, role string) driver.Connector {
 }
 
 // appName is the application_name of a connection: the one configured in the
-// URL if any, then "swo:<role>:<node>", cut to PostgreSQL's 63 bytes.
+// URL if any, then "<namespace>:<role>:<node>" ("swo:app:web-1" by default),
+// cut to PostgreSQL's 63 bytes. The namespace keeps two deployments' sessions
+// apart when RESET ends a stuck run's sessions.
 func (c *Connector) appName(e *endpoint, role string) string {
-	name := "swo:" + role + ":" + c.cfg.NodeName
+	name := c.cfg.Namespace + ":" + role + ":" + c.cfg.NodeName
 	if base := e.cfg.RuntimeParams["application_name"]; base != "" {
 		name = base + " " + name
 	}
@@ -253,6 +262,46 @@ func (c *Connector) startSwitchover(ctx, bgCtx context.Context) error {
 	return nil
 }
 
+// nextInfo returns what the connector knows of the next database.
+func (c *Connector) nextInfo() meta.Info {
+	c.infoMu.RLock()
+	defer c.infoMu.RUnlock()
+	return c.next.info
+}
+
+// recheckNext re-examines the next database while this node's configuration
+// is invalid (say it was unreachable when the node started), so that the
+// node becomes valid once the cause is gone, without a restart.
+func (c *Connector) recheckNext(ctx context.Context, oldConn *pgx.Conn) {
+	err := func() error {
+		nextConn, err := c.connect(ctx, c.next, roleCtl)
+		if err != nil {
+			return err
+		}
+		defer closeBounded(nextConn)
+		info, err := c.meta.Ensure(ctx, nextConn)
+		if err != nil {
+			return c.scrub(fmt.Errorf("next database %s: %w", dsn.Describe(c.next.cfg), err))
+		}
+		if info.Obsolete() {
+			return c.obsolete(c.next, info)
+		}
+		c.infoMu.Lock()
+		c.next.info = info
+		c.infoMu.Unlock()
+		if info.ID == c.old.info.ID {
+			return c.separateTwins(ctx, oldConn, nextConn)
+		}
+		return nil
+	}()
+	c.stateMu.Lock()
+	c.configErr = c.scrub(err)
+	c.stateMu.Unlock()
+	if err == nil {
+		c.log.Info("swo: this node's configuration is valid now", "next_db_id", c.nextInfo().ID)
+	}
+}
+
 // separateTwins handles two databases with the same identity: either both
 // URLs reach one database (a configuration error), or the next database was
 // restored from a copy of the old one and gets an identity of its own.
@@ -274,7 +323,9 @@ func (c *Connector) separateTwins(ctx context.Context, oldConn, nextConn *pgx.Co
 		return err
 	}
 	c.log.Warn("swo: next database carried a copy of the old database's identity; gave it a new one", "next_db_id", id)
+	c.infoMu.Lock()
 	c.next.info.ID = id
+	c.infoMu.Unlock()
 	return nil
 }
 
@@ -377,21 +428,25 @@ func (c *Connector) readSwitchedTo(ctx context.Context, pc *pgconn.PgConn) (uuid
 		}
 		return uuid.ParseBytes(res[0].Rows[0][0])
 	}
-	q := c.keys.connSharedSQL() + "; "
+	// An explicit READ COMMITTED transaction: under a default isolation level
+	// of REPEATABLE READ or SERIALIZABLE (set for the role or the database),
+	// the implicit transaction of a multi-statement query would take its
+	// snapshot before the lock wait and miss a switch committed meanwhile.
+	q := "BEGIN ISOLATION LEVEL READ COMMITTED; " + c.keys.connSharedSQL() + "; "
 	if c.next != nil {
 		q += c.meta.SwitchedToQuery()
 	} else {
 		// Normal mode: the schema may not exist, and nothing may be created.
 		q += fmt.Sprintf("SELECT to_regclass('%s.meta') IS NOT NULL", c.meta.Schema())
 	}
-	res, err := pc.Exec(ctx, q).ReadAll()
+	res, err := pc.Exec(ctx, q+"; COMMIT").ReadAll()
 	if err != nil {
 		return uuid.Nil, err
 	}
-	if len(res) != 2 || len(res[1].Rows) != 1 {
+	if len(res) != 4 || len(res[2].Rows) != 1 {
 		return uuid.Nil, fmt.Errorf("unexpected reply to the state check (%d results)", len(res))
 	}
-	v := res[1].Rows[0][0]
+	v := res[2].Rows[0][0]
 	if c.next == nil {
 		if string(v) != "t" {
 			return uuid.Nil, nil
@@ -415,10 +470,10 @@ func (c *Connector) readSwitchedTo(ctx context.Context, pc *pgconn.PgConn) (uuid
 // every application connection to the old database is retired.
 func (c *Connector) switched(to uuid.UUID) {
 	r := &route{target: toNext}
-	if to != c.next.info.ID {
+	if next := c.nextInfo().ID; to != next {
 		info := c.old.info
 		info.SwitchedTo = to
-		r = &route{target: refused, err: fmt.Errorf("%w (and not to --db-url-next's database %s)", c.obsolete(c.old, info), c.next.info.ID)}
+		r = &route{target: refused, err: fmt.Errorf("%w (and not to --db-url-next's database %s)", c.obsolete(c.old, info), next)}
 	}
 	if c.setRoute(r) {
 		c.log.Info("swo: switched: new connections go to the next database", "routing", r.String())
@@ -478,9 +533,10 @@ func (c *Connector) prewarm() {
 	c.mu.Lock()
 	n := min(len(c.conns), cap(c.warm)) - len(c.warm)
 	c.mu.Unlock()
+	gen := c.warmGen.Load()
 	go func() {
 		for i := 0; i < n; i++ {
-			if c.route.Load().target != toOld {
+			if c.route.Load().target != toOld || c.warmGen.Load() != gen || c.closed.Load() {
 				return
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -499,8 +555,10 @@ func (c *Connector) prewarm() {
 	}()
 }
 
-// drainWarm closes unused pre-opened connections to the next database.
+// drainWarm closes unused pre-opened connections to the next database (and
+// stops a prewarm in progress).
 func (c *Connector) drainWarm() {
+	c.warmGen.Add(1)
 	for {
 		select {
 		case dc := <-c.warm:
@@ -539,7 +597,7 @@ func (c *Connector) Close() error {
 	if !c.closed.CompareAndSwap(false, true) {
 		return nil
 	}
-	c.stopLeading()
+	c.stopLeading(true)
 	c.cancel()
 	c.bg.Wait()
 	c.drainWarm()

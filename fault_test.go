@@ -306,7 +306,7 @@ func deafen(t *testing.T, c *Connector) {
 // while the switch commits. Each must read the switch state after its lock
 // is granted: none may write to the old database after the commit.
 func TestConnectionsOpenedDuringTheCommitGoToTheNewDatabase(t *testing.T) {
-	violations, errs, waited := connectDuringCommit(t)
+	violations, errs, waited := connectDuringCommit(t, "")
 	if violations > 0 || errs > 0 {
 		t.Fatalf("%d writes on the old database after the commit, %d errors", violations, errs)
 	}
@@ -323,16 +323,29 @@ func TestConnectionsOpenedDuringTheCommitGoToTheNewDatabase(t *testing.T) {
 func TestSingleStatementStateReadIsCaught(t *testing.T) {
 	unsafeSingleStatementRead = true
 	defer func() { unsafeSingleStatementRead = false }()
-	violations, errs, _ := connectDuringCommit(t)
+	violations, errs, _ := connectDuringCommit(t, "")
 	if violations+errs == 0 {
 		t.Fatal("the single-statement read went unnoticed")
 	}
 	t.Logf("caught: %d writes on the old database after the commit, %d refused writes", violations, errs)
 }
 
-func connectDuringCommit(t *testing.T) (violations, errs, waited int) {
+// TestStateReadIgnoresTheDefaultIsolationLevel: with REPEATABLE READ as the
+// old database's default, an implicit transaction would take its snapshot
+// before the lock wait; the state read must still see the commit.
+func TestStateReadIgnoresTheDefaultIsolationLevel(t *testing.T) {
+	violations, errs, waited := connectDuringCommit(t, "ALTER DATABASE %s SET default_transaction_isolation = 'repeatable read'")
+	if violations > 0 || errs > 0 || waited == 0 {
+		t.Fatalf("%d writes on the old database after the commit, %d errors, %d waited", violations, errs, waited)
+	}
+}
+
+func connectDuringCommit(t *testing.T, setup string) (violations, errs, waited int) {
 	t.Helper()
-	tc := newCluster(t, 2, false, nil)
+	tc := newCluster(t, 2, false, func(i int, cfg *Config) {})
+	if setup != "" {
+		pgtest.Exec(t, tc.old.AdminURL(), fmt.Sprintf(setup, tc.old.Name))
+	}
 	ctx := testCtx(t)
 	deaf, db := tc.nodes[1], tc.dbs[1]
 	deafen(t, deaf)
@@ -526,4 +539,70 @@ func TestOldDatabaseGoesAway(t *testing.T) {
 	l.halt()
 	t.Logf("%d writes failed while the old database was down", len(l.errs))
 	checkAcks(t, tc, doneAt(t, tc), l.acks, true)
+}
+
+// TestNodeBecomesValidWhenTheNextDatabaseComesUp: an instance started while
+// the next database was down runs on the old one with an invalid
+// configuration, and becomes valid by itself once the database is back.
+func TestNodeBecomesValidWhenTheNextDatabaseComesUp(t *testing.T) {
+	srv := pgtest.NewServer(t)
+	next := srv.NewDatabase(t)
+	pgtest.Exec(t, next.URL, ledgerSchema)
+	old := pgtest.NewDatabase(t)
+	pgtest.Exec(t, old.URL, ledgerSchema+ledgerSeed)
+	ctx := testCtx(t)
+	if err := srv.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+	if s := c.Status(); s.Node.ConfigValid || s.Next.ID != "" {
+		t.Fatalf("next database down, yet config valid: %+v", s.Node)
+	}
+	if got := dbName(t, openDB(t, c)); got != old.Name {
+		t.Fatalf("service reached %s", got)
+	}
+	if err := srv.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { s := c.Status(); return s.Node.ConfigValid && s.Next.ID != "" })
+	if err := c.Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Execute(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSchemaChangeDuringTheRunIsRefused: DDL on the old database while the
+// data moves (a column added here) could let writes escape capture: the
+// final sync refuses to switch; the service is unharmed; once both schemas
+// match again, RESET and EXECUTE succeed.
+func TestSchemaChangeDuringTheRunIsRefused(t *testing.T) {
+	tc := newCluster(t, 1, false, nil)
+	ctx := testCtx(t)
+	l := startLoad(tc, 2)
+	defer l.halt()
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tc.nodes[0].testHook = func(_ context.Context, phase string) {
+		if phase == "incremental sync" {
+			pgtest.Exec(t, tc.old.URL, "ALTER TABLE notes ADD COLUMN extra int")
+		}
+	}
+	err := tc.nodes[0].Execute(ctx)
+	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "changed during the run") {
+		t.Fatalf("EXECUTE across DDL: %v", err)
+	}
+	tc.nodes[0].testHook = nil
+	pgtest.Exec(t, tc.next.URL, "ALTER TABLE notes ADD COLUMN extra int")
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tc.nodes[0].Execute(ctx); err != nil {
+		t.Fatal(err)
+	}
+	n := l.count.Load()
+	waitFor(t, func() bool { return l.count.Load() > n+20 })
+	l.check(t, tc, doneAt(t, tc))
 }

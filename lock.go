@@ -135,13 +135,15 @@ ORDER BY a.pid`, k.space, lock)
 	return strings.Join(out, "; ")
 }
 
-// terminateHolders ends the sessions holding one of the namespace's locks:
-// RESET's last resort against a leader that stopped answering but whose
-// sessions live on. It needs the same role or pg_signal_backend.
-func (k lockKeys) terminateHolders(ctx context.Context, conn *pgx.Conn, lock int32) (int, error) {
+// terminateExclusiveHolders ends the sessions holding one of the
+// namespace's locks in EXCLUSIVE mode (never the application's shared
+// holders of the connection lock): the last resort against a leader that
+// stopped answering but whose sessions live on. It needs the same role or
+// pg_signal_backend.
+func (k lockKeys) terminateExclusiveHolders(ctx context.Context, conn *pgx.Conn, lock int32) (int, error) {
 	var n int
 	err := conn.QueryRow(ctx, `SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l
 WHERE l.locktype = 'advisory' AND l.classid::int4 = $1 AND l.objid::int4 = $2 AND l.objsubid = 2
-	AND l.granted AND l.pid <> pg_backend_pid()`, k.space, lock).Scan(&n)
+	AND l.mode = 'ExclusiveLock' AND l.granted AND l.pid <> pg_backend_pid()`, k.space, lock).Scan(&n)
 	return n, err
 }

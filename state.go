@@ -267,6 +267,13 @@ func (c *Connector) followOnce(ctx context.Context, conn *pgx.Conn, listening *b
 		return nil
 	}
 	if time.Since(*lastBeat) >= heartbeatEvery {
+		c.stateMu.Lock()
+		invalid := c.configErr != nil
+		c.stateMu.Unlock()
+		if invalid && time.Since(c.lastRecheck) >= 5*time.Second {
+			c.lastRecheck = time.Now()
+			c.recheckNext(ctx, conn)
+		}
 		if err := c.beat(ctx, conn); err != nil {
 			return err
 		}
@@ -300,7 +307,11 @@ func (c *Connector) poke() {
 }
 
 // observe applies a message to the view and reacts to a state change.
+// Observations are serialised (the follow loop and the leader both observe),
+// so that reactions happen in the order of the state changes.
 func (c *Connector) observe(m msglog.Message) {
+	c.reactMu.Lock()
+	defer c.reactMu.Unlock()
 	c.viewMu.Lock()
 	prev := c.view.State
 	changed := c.view.apply(m)
@@ -320,7 +331,7 @@ func (c *Connector) observe(m msglog.Message) {
 	c.log.Info("swo: cluster state", "from", prev.String(), "to", v.State.String(), "run", v.Run, "message", m.Kind)
 	switch v.State {
 	case StateResetting:
-		c.stopLeading()
+		c.stopLeading(false)
 		c.resume()
 	case StateSyncing:
 		if v.Leader == c.id {
@@ -334,10 +345,13 @@ func (c *Connector) observe(m msglog.Message) {
 		// with another --db-url-next refuses rather than follow it.
 		to := v.Done.To
 		if to == uuid.Nil {
-			to = c.next.info.ID
+			to = c.nextInfo().ID
 		}
 		c.switched(to)
-	case StateIdle, StateFailed:
+	case StateFailed:
+		c.stopLeading(false) // a leader declared failed stops, whatever it was doing
+		c.resume()
+	case StateIdle:
 		c.resume()
 	}
 }
@@ -346,7 +360,7 @@ func (c *Connector) observe(m msglog.Message) {
 func (c *Connector) beat(ctx context.Context, conn *pgx.Conn) error {
 	c.stateMu.Lock()
 	n := cluster.Node{ID: c.id, Name: c.cfg.NodeName, Version: c.cfg.Version, CanExec: !c.cfg.APIOnly,
-		OldID: c.old.info.ID, NextID: c.next.info.ID}
+		OldID: c.old.info.ID, NextID: c.nextInfo().ID}
 	if c.configErr != nil {
 		n.ConfigError = c.configErr.Error()
 	}
@@ -408,10 +422,19 @@ func (c *Connector) checkOwner(ctx context.Context, conn *pgx.Conn) error {
 	if errors.Is(err, msglog.ErrRefused) {
 		return nil
 	}
-	if err == nil {
-		c.log.Warn("swo: run failed: " + reason)
+	if err != nil {
+		return err
 	}
-	return err
+	c.log.Warn("swo: run failed: " + reason)
+	// The run can no longer commit ("done" would not follow "failed"), so
+	// ending its sessions is safe, and it frees the stop-the-world lock if a
+	// stalled leader still holds it.
+	for _, lock := range []int32{lockConn, lockExec} {
+		if n, err := c.keys.terminateExclusiveHolders(ctx, conn, lock); err == nil && n > 0 {
+			c.log.Warn("swo: ended the sessions of the failed run", "sessions", n)
+		}
+	}
+	return nil
 }
 
 // owns reports whether this node is doing the work of the run in v.

@@ -221,8 +221,13 @@ func (c *Connector) Reset(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close(context.Background())
+	if info, _, err := c.meta.Read(ctx, conn); err == nil && info.Obsolete() {
+		return fmt.Errorf("%w: restart the instances with --db-url pointing at the new database, without --db-url-next", ErrDone)
+	}
+	// A switch that committed since is caught under the log's lock: its
+	// "done" (or the confirmations after it) is then the last message.
 	m, err := c.msgs.Append(ctx, conn, c.id, msglog.KindReset, 0, resetData{}, func(last *msglog.Message) error {
-		if last != nil && last.Kind == msglog.KindDone {
+		if last != nil && (last.Kind == msglog.KindDone || last.Kind == msglog.KindConfirm) {
 			return ErrDone
 		}
 		return nil
@@ -231,7 +236,7 @@ func (c *Connector) Reset(ctx context.Context) error {
 		return c.scrub(fmt.Errorf("swo: reset: %w", err))
 	}
 	c.resetting.Store(m.Run)
-	defer c.resetting.Store(0)
+	defer c.resetting.CompareAndSwap(m.Run, 0)
 	c.poke()
 	c.log.Info("swo: RESET", "run", m.Run)
 	resetErr := c.resetRun(ctx, conn)
@@ -264,7 +269,7 @@ func (c *Connector) resetRun(ctx context.Context, conn *pgx.Conn) error {
 	err := c.keys.lockExclusive(ctx, conn, lockExec, 15*time.Second)
 	if errors.Is(err, errLockTimeout) {
 		who := c.keys.holders(ctx, conn, lockExec)
-		if _, err := c.keys.terminateHolders(ctx, conn, lockExec); err != nil {
+		if _, err := c.keys.terminateExclusiveHolders(ctx, conn, lockExec); err != nil {
 			return fmt.Errorf("the execution lock is held by %s and could not be taken over: %w", who, err)
 		}
 		c.log.Warn("swo: RESET ended the sessions of an unresponsive execution", "sessions", who)
@@ -307,7 +312,7 @@ func (c *Connector) endStraySyncSessions(ctx context.Context) error {
 			return err
 		}
 		_, err = conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE '%swo:sync:%'`)
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE '%' || $1 || ':sync:%'`, c.cfg.Namespace)
 		conn.Close(context.Background())
 		if err != nil {
 			return err
@@ -551,7 +556,7 @@ func (c *Connector) Status() Status {
 	s.Mode = "switchover"
 	next := dbStatus(c.next)
 	s.Next = &next
-	s.Node.NextID = idString(c.next.info.ID)
+	s.Node.NextID = idString(c.nextInfo().ID)
 	s.Node.ConfigValid = configErr == nil
 	s.Node.ConfigError = errString(configErr)
 

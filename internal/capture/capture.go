@@ -16,6 +16,11 @@
 //     INSERT OR UPDATE OR DELETE, and "<ns>_capture_truncate" BEFORE TRUNCATE,
 //     which refuses TRUNCATE while a switchover is in progress.
 //
+// The triggers are ENABLE ALWAYS: sessions with session_replication_role =
+// replica (logical replication apply, some bulk tools) skip ordinary
+// triggers, and their writes must be captured (and, after the switch,
+// refused) too.
+//
 // Row triggers, not statement triggers with transition tables: a statement on
 // an inheritance parent or a partitioned table fires statement triggers on the
 // named table only, while row triggers fire on the table that holds the row.
@@ -154,8 +159,10 @@ BEGIN
 END $f$;
 DROP TRIGGER IF EXISTS %[7]s ON %[9]s;
 CREATE TRIGGER %[7]s AFTER INSERT OR UPDATE OR DELETE ON %[9]s FOR EACH ROW EXECUTE FUNCTION %[1]s();
+ALTER TABLE %[9]s ENABLE ALWAYS TRIGGER %[7]s;
 DROP TRIGGER IF EXISTS %[8]s ON %[9]s;
-CREATE TRIGGER %[8]s BEFORE TRUNCATE ON %[9]s FOR EACH STATEMENT EXECUTE FUNCTION %[10]s();`,
+CREATE TRIGGER %[8]s BEFORE TRUNCATE ON %[9]s FOR EACH STATEMENT EXECUTE FUNCTION %[10]s();
+ALTER TABLE %[9]s ENABLE ALWAYS TRIGGER %[8]s;`,
 		fn, pinSettings(t), ins("OLD"), ins("NEW"), rowOf("OLD"), rowOf("NEW"),
 		pgx.Identifier{c.triggerName()}.Sanitize(), pgx.Identifier{c.truncateName()}.Sanitize(), t.QName(), c.q("capture_truncate"))
 }
@@ -254,6 +261,25 @@ func (c Capture) Installed(ctx context.Context, conn *pgx.Conn) ([]uint32, error
 	return pgx.CollectRows(rows, pgx.RowTo[uint32])
 }
 
+// FingerprintSQL selects a digest of the shape of every table in the
+// database's user schemas (oids, names, columns and their types) and of the
+// capture triggers' states. Taken when capture is installed and again in the
+// final sync, it tells whether DDL or a disabled trigger could have let a
+// write escape capture in between.
+func (c Capture) FingerprintSQL() string {
+	return fmt.Sprintf(`SELECT md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
+	SELECT cl.oid::text || ':' || n.nspname || '.' || cl.relname || ':' || cl.relkind::text || ':' ||
+		coalesce((SELECT string_agg(a.attname || ' ' || a.atttypid::text || ' ' || a.atttypmod::text, ';' ORDER BY a.attnum)
+			FROM pg_attribute a WHERE a.attrelid = cl.oid AND a.attnum > 0 AND NOT a.attisdropped), '') || ':' ||
+		coalesce((SELECT string_agg(t.tgname || '=' || t.tgenabled::text, ';' ORDER BY t.tgname)
+			FROM pg_trigger t WHERE t.tgrelid = cl.oid AND t.tgname IN ('%[2]s', '%[3]s')), '') AS x
+	FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace
+	WHERE cl.relkind IN ('r', 'p') AND cl.relpersistence <> 't'
+		AND n.nspname NOT IN ('pg_catalog', 'information_schema', '%[1]s')
+		AND n.nspname NOT LIKE 'pg\_toast%%' AND n.nspname NOT LIKE 'pg\_temp\_%%') s`,
+		c.Schema, c.triggerName(), c.truncateName())
+}
+
 // AliveSQL selects whether capture is intact (see Alive).
 func (c Capture) AliveSQL() string {
 	return "SELECT EXISTS (SELECT 1 FROM " + c.q("capture_alive") + ")"
@@ -291,6 +317,7 @@ END $f$`, c.q(name), msg)
 	return []string{
 		fn("obsolete"),
 		fmt.Sprintf("CREATE TRIGGER obsolete BEFORE INSERT ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()", c.q("changes"), c.q("obsolete")),
+		fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER obsolete", c.q("changes")),
 		fn("capture_truncate"),
 	}
 }

@@ -35,7 +35,7 @@ func (e *Engine) plan() []unit {
 	var units []unit
 	for _, t := range e.Source.Tables {
 		d := e.target(t)
-		if e.Source.Version < 140000 || t.Pages <= chunk {
+		if e.Source.Version < 140000 || t.Pages <= chunk || e.Keep[t.String()] {
 			units = append(units, unit{src: t, dst: d, whole: true, weight: t.Pages})
 			continue
 		}
@@ -118,6 +118,9 @@ func (e *Engine) InitialCopy(ctx context.Context) error {
 	if err := g.Wait(); err != nil {
 		return fmt.Errorf("initial copy: %w", err)
 	}
+	if err := e.guard(ctx, tx); err != nil {
+		return err
+	}
 	if _, err := tx.Exec(ctx, "DELETE FROM "+e.capture().ChangesTable()); err != nil {
 		return err
 	}
@@ -135,9 +138,9 @@ func (e *Engine) copyWorker(ctx context.Context, snap string, work <-chan unit) 
 		return err
 	}
 	defer dst.Close(context.Background())
-	// The target's rows are only trusted once the whole run succeeds; any
-	// crash fails the run, so the bulk load need not wait for its WAL flush.
-	if _, err := dst.Exec(ctx, "SET synchronous_commit = off"); err != nil {
+	// Commits stay synchronous (one WAL flush per unit): a target that
+	// restarted between two steps of the run must not have lost a unit.
+	if _, err := dst.Exec(ctx, "SET synchronous_commit = on"); err != nil {
 		return err
 	}
 	if err := src.PgConn().Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '"+snap+"'").Close(); err != nil {
@@ -146,8 +149,19 @@ func (e *Engine) copyWorker(ctx context.Context, snap string, work <-chan unit) 
 	for u := range work {
 		e.progress().SetTable(u.src.String())
 		dstSQL := fmt.Sprintf("COPY %s (%s) FROM STDIN", u.dst.QName(), columnList(u.src.WritableColumns(), ""))
+		keep := e.Keep[u.src.String()]
+		if keep { // replace the rows in one transaction: an abort leaves the old ones
+			if err := dst.PgConn().Exec(ctx, "BEGIN; TRUNCATE "+u.dst.QName()).Close(); err != nil {
+				return fmt.Errorf("copy %s: %w", u.src, err)
+			}
+		}
 		if _, err := pipeCopy(ctx, src.PgConn(), u.sourceSQL(), dst.PgConn(), dstSQL, e.progress()); err != nil {
 			return fmt.Errorf("copy %s: %w", u.src, err)
+		}
+		if keep {
+			if err := dst.PgConn().Exec(ctx, "COMMIT").Close(); err != nil {
+				return fmt.Errorf("copy %s: %w", u.src, err)
+			}
 		}
 	}
 	return src.PgConn().Exec(ctx, "COMMIT").Close()

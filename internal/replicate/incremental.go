@@ -146,6 +146,9 @@ func (e *Engine) Round(ctx context.Context, src, dst *pgx.Conn, limit int) (Roun
 		return res, err
 	}
 	defer srcTx.Rollback(context.Background()) //nolint:errcheck
+	if err := e.guard(ctx, srcTx); err != nil {
+		return res, err
+	}
 	if err := e.capture().Alive(ctx, srcTx); err != nil {
 		return res, err
 	}
@@ -165,7 +168,9 @@ func (e *Engine) Round(ctx context.Context, src, dst *pgx.Conn, limit int) (Roun
 	if err != nil {
 		return res, err
 	}
-	err = pgx.BeginFunc(ctx, dst, func(dstTx pgx.Tx) error {
+	// synchronous_commit on: the source consumes the changes once the target
+	// has committed them, so that commit must survive a crash.
+	err = pgx.BeginTxFunc(ctx, dst, pgx.TxOptions{BeginQuery: "BEGIN; SET LOCAL synchronous_commit = on"}, func(dstTx pgx.Tx) error {
 		q := &pgx.Batch{}
 		if err := e.queueDeletes(q, b, tables); err != nil {
 			return err
@@ -198,11 +203,14 @@ func (e *Engine) Backlog(ctx context.Context, src *pgx.Conn) (int64, error) {
 }
 
 // CatchUp runs rounds until the backlog is small: until a round has drained
-// everything it could see and took less than quick. The batch size adapts so
-// that a round takes a few hundred milliseconds: big enough to amortise the
-// round trips, small enough to keep transactions short.
+// everything it could see and took less than quick (or five rounds in a row
+// drained what they saw, however long they took: on a loaded machine a round
+// may never be quick, and the final sync has its own timeout). The batch
+// size adapts so that a round takes a few hundred milliseconds: big enough
+// to amortise the round trips, small enough to keep transactions short.
 func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Duration) error {
 	limit := 5000
+	drained := 0
 	e.progress().SetPhase("incremental sync", 0, 0)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -220,8 +228,13 @@ func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Dur
 		e.progress().Add(int64(res.Changes), 0)
 		e.log().Debug("swo: incremental round", "changes", res.Changes, "keys", res.Keys, "rows", res.Rows,
 			"duration", res.Duration, "backlog", backlog, "limit", limit)
-		if res.Changes < limit && res.Duration < quick {
-			return nil
+		if res.Changes < limit {
+			drained++
+			if res.Duration < quick || drained >= 5 {
+				return nil
+			}
+		} else {
+			drained = 0
 		}
 		switch {
 		case res.Changes == limit && res.Duration < 250*time.Millisecond:
@@ -256,13 +269,15 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	start := time.Now()
 	// Source, one round trip: lock, capture intact, changes, sequences.
 	var (
-		alive bool
-		b     *batch
-		seqs  seqValues
+		alive       bool
+		fingerprint string
+		b           *batch
+		seqs        seqValues
 	)
 	q := &pgx.Batch{}
 	q.Queue("LOCK TABLE " + e.capture().ChangesTable() + " IN ACCESS EXCLUSIVE MODE")
 	q.Queue(e.capture().AliveSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&alive) })
+	q.Queue(e.capture().FingerprintSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&fingerprint) })
 	q.Queue(e.changesSQL(0)).Query(func(rows pgx.Rows) (err error) { b, err = collectBatch(rows); return err })
 	names := e.sequenceNames()
 	if len(names) > 0 {
@@ -273,6 +288,9 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	}
 	if !alive {
 		return res, capture.ErrLost
+	}
+	if e.Fingerprint != "" && fingerprint != e.Fingerprint {
+		return res, ErrSchemaChanged
 	}
 	res.Changes, res.Sequences = b.changes, len(seqs.names)
 	tables, err := e.tables(b)
@@ -288,8 +306,14 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 		}
 	}()
 	var recs []undoRecord
+	timeout := e.FinalTimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
 	q = &pgx.Batch{}
 	q.Queue("BEGIN")
+	q.Queue(fmt.Sprintf("SET LOCAL statement_timeout = %d", timeout.Milliseconds()))
+	q.Queue("SET LOCAL synchronous_commit = on") // the final rows must survive a crash of the new database
 	if err := e.queueDeletes(q, b, tables); err != nil {
 		return res, err
 	}

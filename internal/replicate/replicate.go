@@ -47,9 +47,12 @@ package replicate
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgswo/swo/internal/capture"
@@ -59,6 +62,7 @@ import (
 // Engine moves the data of a set of tables from a source to a target database.
 type Engine struct {
 	Src, Dst *pgx.ConnConfig // connection settings; application_name set by the caller
+	SourceID uuid.UUID       // the source's database identity
 	Schema   string          // the library's schema, in both databases
 	Source   *schema.Database
 	Target   *schema.Database
@@ -68,6 +72,48 @@ type Engine struct {
 
 	// MaintenanceWorkMem is set on index-building sessions. Default "128MB".
 	MaintenanceWorkMem string
+
+	// FinalTimeout bounds each statement of the final sync on the target.
+	// Default 10s.
+	FinalTimeout time.Duration
+
+	// Keep names target tables (schema.name) whose rows equalled the
+	// source's before the run: they are reloaded in one transaction each
+	// rather than emptied up front, so that an abort leaves them filled.
+	Keep map[string]bool
+
+	// Fingerprint is the source's capture fingerprint (capture.FingerprintSQL)
+	// taken when capture was installed; Final refuses to switch if it changed.
+	Fingerprint string
+	// Guard, if set, is a query returning true while this run may still write
+	// (its leader holds the execution lock). Rounds and the initial copy run
+	// it in their source transaction and stop if it is false, so that a run
+	// overtaken by RESET cannot touch the next run's data.
+	Guard string
+}
+
+// ErrOvertaken is returned when the Guard says the run may no longer write.
+var ErrOvertaken = errors.New("this run was overtaken (RESET, or the cluster failed it): it stops")
+
+// ErrSchemaChanged is returned by Final when the source's tables or capture
+// triggers changed during the run.
+var ErrSchemaChanged = errors.New("the old database's tables or change-capture triggers changed during the run (DDL?): writes may have escaped capture; RESET and EXECUTE again")
+
+// guard runs the Guard in q.
+func (e *Engine) guard(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}) error {
+	if e.Guard == "" {
+		return nil
+	}
+	var ok bool
+	if err := q.QueryRow(ctx, e.Guard).Scan(&ok); err != nil {
+		return err
+	}
+	if !ok {
+		return ErrOvertaken
+	}
+	return nil
 }
 
 // sessionParams pin every setting COPY's text form depends on.

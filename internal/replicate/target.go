@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"golang.org/x/sync/errgroup"
 
@@ -32,7 +33,8 @@ func (e *Engine) undoTable() string {
 	tbl     text NOT NULL,
 	kind    text NOT NULL,
 	name    text NOT NULL,
-	restore text NOT NULL
+	restore text NOT NULL,
+	src     uuid -- for loaded tables: the database they were loaded from
 )`, e.q("target_undo"))
 }
 
@@ -54,11 +56,12 @@ func (e *Engine) undoRecords(ctx context.Context, conn *pgx.Conn, kinds ...strin
 
 // Prepare readies the target for the initial copy (see the package doc):
 // records and drops foreign keys, key, unique and exclusion constraints and
-// indexes, disables user triggers, and truncates the tables. keep names the
-// tables whose content was already identical to the source's: an abort
-// leaves their (copied) rows in place instead of emptying them. also are
-// statements to run in the same transaction (the caller's marks).
-func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, keep map[string]bool, also ...string) error {
+// indexes, disables user triggers, and truncates the tables. The tables in
+// e.Keep, whose content was already identical to the source's, are not
+// truncated here: the copy replaces their rows in one transaction, so an
+// abort leaves them with their rows. also are statements to run in the same
+// transaction (the caller's marks).
+func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, also ...string) error {
 	pending, err := e.undoRecords(ctx, conn, undoTruncate, undoConstraint, undoIndex, undoFK, undoTrigger, undoValidate)
 	if err != nil {
 		return fmt.Errorf("prepare target: %w", err)
@@ -110,11 +113,12 @@ func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, keep map[string]bo
 				fmt.Sprintf("ALTER TABLE %s DISABLE TRIGGER %s", t.QName(), name))
 		}
 	}
-	names := make([]string, len(targets))
-	for i, t := range targets {
-		names[i] = t.QName()
-		if !keep[t.String()] {
-			record(t, undoTruncate, t.String(), "TRUNCATE "+t.QName(), "")
+	var names []string
+	for _, t := range targets {
+		if !e.Keep[t.String()] {
+			names = append(names, t.QName())
+			b.Queue("INSERT INTO "+e.q("target_undo")+" (tbl, kind, name, restore, src) VALUES ($1, $2, $3, $4, $5)",
+				t.QName(), undoTruncate, t.String(), "TRUNCATE "+t.QName(), e.SourceID)
 		}
 	}
 	if len(names) > 0 {
@@ -279,7 +283,7 @@ func (e *Engine) Finish(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close(context.Background())
-	if _, err := conn.Exec(ctx, "DELETE FROM "+e.q("target_undo")+" WHERE kind = $1", undoTruncate); err != nil {
+	if _, err := conn.Exec(ctx, "DELETE FROM "+e.q("target_undo")+" WHERE kind = $1 AND src = $2", undoTruncate, e.SourceID); err != nil {
 		return err
 	}
 	recs, err := e.undoRecords(ctx, conn, undoValidate)
@@ -295,12 +299,14 @@ func (e *Engine) Finish(ctx context.Context) error {
 }
 
 // Undo puts the target back as it was before Prepare: it empties the tables
-// the run loaded (but those kept), restores keys, indexes and foreign keys,
-// enables the triggers, and validates pending foreign keys. It is idempotent
+// loaded from source (the database identity of the run's source; tables
+// loaded from another database are never emptied: this one may have become
+// live since), restores keys, indexes and foreign keys, enables the
+// triggers, validates pending foreign keys, and runs also. It is idempotent
 // and needs nothing but the target's undo table, so it works after any
 // failure, on any node. The caller must make sure the switch did not commit:
 // after it, the target is the live database.
-func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string) error {
+func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source uuid.UUID, also ...string) error {
 	e := &Engine{Dst: dst, Schema: librarySchema}
 	conn, err := Connect(ctx, dst)
 	if err != nil {
@@ -314,7 +320,12 @@ func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string) error 
 	if !exists {
 		return nil
 	}
-	trunc, err := e.undoRecords(ctx, conn, undoTruncate)
+	rows, err := conn.Query(ctx, "SELECT id, tbl, kind, name, restore FROM "+e.q("target_undo")+" WHERE kind = $1 AND src = $2 ORDER BY id",
+		undoTruncate, source)
+	if err != nil {
+		return err
+	}
+	trunc, err := collectUndo(rows)
 	if err != nil {
 		return err
 	}
@@ -348,6 +359,11 @@ func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string) error 
 			}
 		}
 		if err := errors.Join(errs...); err != nil {
+			return err
+		}
+	}
+	for _, sql := range also {
+		if _, err := conn.Exec(ctx, sql); err != nil {
 			return err
 		}
 	}
