@@ -178,7 +178,7 @@ func BenchmarkPause(b *testing.B) {
 		close(stop)
 		wg.Wait()
 		ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-		var steady, during, window []time.Duration
+		var steady, during, window, syncing []time.Duration
 		st := c.Status().Timings
 		for _, s := range samples {
 			switch {
@@ -187,12 +187,17 @@ func BenchmarkPause(b *testing.B) {
 			case !s.at.Before(execStart) && s.at.Before(execStart.Add(execDur)):
 				during = append(during, s.lat)
 			}
+			if st.PauseAt != nil && !s.at.Before(execStart) && s.at.Add(s.lat).Before(*st.PauseAt) {
+				syncing = append(syncing, s.lat)
+			}
 			// Transactions that overlapped the stop-the-world window.
 			if st.PauseAt != nil && st.DoneAt != nil && s.at.Before(*st.DoneAt) && s.at.Add(s.lat).After(*st.PauseAt) {
 				window = append(window, s.lat)
 			}
 		}
 		b.ReportMetric(ms(percentiles(window)[2]), "pause-window-max-ms")
+		b.ReportMetric(ms(percentiles(syncing)[2]), "sync-phase-max-ms")
+		b.ReportMetric(ms(percentiles(window)[2]-percentiles(steady)[2]), "pause-window-extra-ms")
 		ps, pd := percentiles(steady), percentiles(during)
 		b.ReportMetric(ms(ps[0]), "steady-p50-ms")
 		b.ReportMetric(ms(ps[1]), "steady-p99-ms")
