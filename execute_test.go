@@ -38,7 +38,13 @@ func newCluster(t *testing.T, n int, owner bool, mod func(i int, cfg *Config)) *
 	if owner {
 		opts = append(opts, pgtest.Owner("app"))
 	}
-	tc := &testCluster{old: pgtest.NewDatabase(t, opts...), next: pgtest.NewDatabase(t, opts...)}
+	return clusterOn(t, pgtest.NewDatabase(t, opts...), pgtest.NewDatabase(t, opts...), n, mod)
+}
+
+// clusterOn is newCluster over the given databases.
+func clusterOn(t *testing.T, old, next *pgtest.Database, n int, mod func(i int, cfg *Config)) *testCluster {
+	t.Helper()
+	tc := &testCluster{old: old, next: next}
 	pgtest.Exec(t, tc.old.URL, ledgerSchema+ledgerSeed)
 	pgtest.Exec(t, tc.next.URL, ledgerSchema)
 	for i := 0; i < n; i++ {

@@ -438,30 +438,12 @@ func TestLeaderThatLosesItsRunFailsIt(t *testing.T) {
 	}
 }
 
-// clusterOn is newCluster with the old and next databases given.
-func clusterOn(t *testing.T, old, next *pgtest.Database, n int) *testCluster {
-	t.Helper()
-	tc := &testCluster{old: old, next: next}
-	pgtest.Exec(t, old.URL, ledgerSchema+ledgerSeed)
-	pgtest.Exec(t, next.URL, ledgerSchema)
-	for i := 0; i < n; i++ {
-		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL, NodeName: fmt.Sprintf("node-%d", i),
-			PauseBudget: 5 * time.Second, SyncWorkers: 2})
-		db := openDB(t, c)
-		db.SetMaxOpenConns(8)
-		tc.nodes = append(tc.nodes, c)
-		tc.dbs = append(tc.dbs, db)
-	}
-	tc.awaitNodes(t, n)
-	return tc
-}
-
 // TestNewDatabaseGoesAway kills the new database's server in the middle of a
 // run: the service, on the old database, sees nothing; the run fails; once
 // the server is back, RESET and EXECUTE succeed.
 func TestNewDatabaseGoesAway(t *testing.T) {
 	srv := pgtest.NewServer(t)
-	tc := clusterOn(t, pgtest.NewDatabase(t), srv.NewDatabase(t), 2)
+	tc := clusterOn(t, pgtest.NewDatabase(t), srv.NewDatabase(t), 2, nil)
 	ctx := testCtx(t)
 	l := startLoad(tc, 2)
 	defer l.halt()
@@ -503,7 +485,7 @@ func TestNewDatabaseGoesAway(t *testing.T) {
 // EXECUTE succeed with every acknowledged write in the new database.
 func TestOldDatabaseGoesAway(t *testing.T) {
 	srv := pgtest.NewServer(t)
-	tc := clusterOn(t, srv.NewDatabase(t), pgtest.NewDatabase(t), 2)
+	tc := clusterOn(t, srv.NewDatabase(t), pgtest.NewDatabase(t), 2, nil)
 	ctx := testCtx(t)
 	l := startLoad(tc, 2)
 	l.tolerate = true // writes fail while the live database is down
