@@ -29,7 +29,10 @@ import (
 // transaction, a *sql.Conn) and is closed when it comes back.
 //
 // Raw access (sql.Conn.Raw) bypasses these calls: do not hold a raw pgx
-// connection from the connector across a switchover.
+// connection from the connector across a switchover. One narrow window
+// remains: a *sql.Conn taken on a freshly opened connection at the instant
+// the drain starts, before its first call, gets driver.ErrBadConn on that
+// call (database/sql retries it for DB-level calls, not for a *sql.Conn).
 type conn struct {
 	*stdlib.Conn
 	c *Connector
