@@ -520,7 +520,10 @@ func TestOldDatabaseGoesAway(t *testing.T) {
 	waitFor(t, func() bool { return l.count.Load() > n+20 })
 	l.halt()
 	t.Logf("%d writes failed while the old database was down", len(l.errs))
-	checkAcks(t, tc, doneAt(t, tc), l.acks, true)
+	// A commit in flight when the server died may have been durable without
+	// reaching its client: the ledger may hold rows no one was told about.
+	// Counters still have to equal their ledger rows exactly.
+	checkAcks(t, tc, doneAt(t, tc), l.acks, false)
 }
 
 // TestNodeBecomesValidWhenTheNextDatabaseComesUp: an instance started while
