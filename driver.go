@@ -306,11 +306,7 @@ func (c *Connector) recheckNext(ctx context.Context, oldConn *pgx.Conn) {
 // URLs reach one database (a configuration error), or the next database was
 // restored from a copy of the old one and gets an identity of its own.
 func (c *Connector) separateTwins(ctx context.Context, oldConn, nextConn *pgx.Conn) error {
-	sess, err := meta.CurrentSession(ctx, oldConn)
-	if err != nil {
-		return err
-	}
-	same, err := meta.SeesSession(ctx, nextConn, sess)
+	same, err := c.sameDatabase(ctx, oldConn, nextConn)
 	if err != nil {
 		return err
 	}

@@ -104,17 +104,7 @@ func (e *Engine) InitialCopy(ctx context.Context) error {
 	for i := 0; i < min(e.workers(), len(units)); i++ {
 		g.Go(func() error { return e.copyWorker(gctx, snap, work) })
 	}
-	g.Go(func() error {
-		defer close(work)
-		for _, u := range units {
-			select {
-			case work <- u:
-			case <-gctx.Done():
-				return gctx.Err()
-			}
-		}
-		return nil
-	})
+	g.Go(func() error { return feed(gctx, work, units) })
 	if err := g.Wait(); err != nil {
 		return fmt.Errorf("initial copy: %w", err)
 	}

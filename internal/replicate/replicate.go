@@ -190,3 +190,17 @@ func pkTypes(t *schema.Table) []string {
 	}
 	return out
 }
+
+// feed sends items on work, then closes it; it stops early if ctx ends. It is
+// the producer of the package's bounded worker pools.
+func feed[T any](ctx context.Context, work chan<- T, items []T) error {
+	defer close(work)
+	for _, it := range items {
+		select {
+		case work <- it:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}

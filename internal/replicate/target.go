@@ -220,17 +220,7 @@ func (e *Engine) restoreParallel(ctx context.Context, recs []undoRecord, what st
 			return nil
 		})
 	}
-	g.Go(func() error {
-		defer close(work)
-		for _, tbl := range order {
-			select {
-			case work <- tbl:
-			case <-gctx.Done():
-				return gctx.Err()
-			}
-		}
-		return nil
-	})
+	g.Go(func() error { return feed(gctx, work, order) })
 	return g.Wait()
 }
 

@@ -122,17 +122,11 @@ func Verify(ctx context.Context, src, dst *pgx.ConnConfig, source, target *schem
 			return nil
 		})
 	}
-	g.Go(func() error {
-		defer close(work)
-		for i := range source.Tables {
-			select {
-			case work <- i:
-			case <-gctx.Done():
-				return gctx.Err()
-			}
-		}
-		return nil
-	})
+	idx := make([]int, len(source.Tables))
+	for i := range idx {
+		idx[i] = i
+	}
+	g.Go(func() error { return feed(gctx, work, idx) })
 	if err := g.Wait(); err != nil {
 		return Report{}, err
 	}
