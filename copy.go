@@ -152,7 +152,7 @@ func (r *syncRun) checkTarget(ctx context.Context) error {
 	}
 	ours := info.FilledFrom == r.c.old.info.ID && info.FilledFrom != uuid.Nil
 	only := *r.eng.Source
-	only.Tables = nil
+	only.Tables, only.Sequences = nil, nil
 	for _, t := range r.eng.Source.Tables {
 		if filled[t.String()] {
 			only.Tables = append(only.Tables, t)
@@ -205,12 +205,16 @@ func (r *syncRun) prepare(ctx context.Context) error {
 	return r.eng.Prepare(ctx, conn, mark)
 }
 
-// initialCopy copies the data and rebuilds the target's indexes.
+// initialCopy copies the data, rebuilds the target's indexes and computes
+// its materialized views.
 func (r *syncRun) initialCopy(ctx context.Context) error {
 	if err := r.eng.InitialCopy(ctx); err != nil {
 		return err
 	}
-	return r.eng.RebuildIndexes(ctx)
+	if err := r.eng.RebuildIndexes(ctx); err != nil {
+		return err
+	}
+	return r.eng.RefreshMatViews(ctx)
 }
 
 // catchUp runs incremental rounds until the backlog is small.
@@ -561,10 +565,13 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) 
 	// Final sync and commit, in one transaction on the old database.
 	lr.progress.SetPhase("final sync", 0, 0)
 	finalStart := time.Now()
-	// synchronous_commit is pinned on: the switch must survive a crash of
-	// the old database whatever the role's or the database's setting.
+	// READ COMMITTED is pinned: the final sync's reads are sent (and, under
+	// REPEATABLE READ, would take their snapshot) before its LOCK has waited
+	// for the last writers, whose changes they must see. synchronous_commit
+	// is pinned on: the switch must survive a crash of the old database.
+	// Neither may depend on the role's or the database's defaults.
 	tx, err := sess.BeginTx(ctx, pgx.TxOptions{BeginQuery: fmt.Sprintf(
-		"BEGIN; SET LOCAL statement_timeout = %[1]d; SET LOCAL lock_timeout = %[1]d; SET LOCAL synchronous_commit = on",
+		"BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = %[1]d; SET LOCAL lock_timeout = %[1]d; SET LOCAL synchronous_commit = on",
 		finalBudget.Milliseconds())})
 	if err != nil {
 		return err

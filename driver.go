@@ -187,10 +187,14 @@ func (c *Connector) appName(e *endpoint, role string) string {
 	return name
 }
 
-// connect opens a pgx connection to e for the library's own use.
+// connect opens a pgx connection to e for the library's own use. Its
+// transactions are READ COMMITTED whatever the role's or the database's
+// default: the library's statements that wait for a lock (the message log's
+// append, the switch state's read) must read what committed during the wait.
 func (c *Connector) connect(ctx context.Context, e *endpoint, role string) (*pgx.Conn, error) {
 	cfg := e.cfg.Copy()
 	cfg.RuntimeParams["application_name"] = c.appName(e, role)
+	cfg.RuntimeParams["default_transaction_isolation"] = "read committed"
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, c.scrub(fmt.Errorf("connect to %s database %s: %w", e.label, dsn.Describe(e.cfg), err))

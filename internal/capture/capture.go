@@ -37,10 +37,14 @@
 // application's queries never queue behind it for long) and retried until
 // Options.Timeout, after which Install fails naming the sessions in the way.
 //
-// Key text is produced by each type's output function. For types whose text
-// depends on session settings (dates, times, intervals, floats, bytea, money)
-// the trigger function pins those settings, so that the key reads back the
-// same in the sync's session.
+// Key text is produced by each type's output function, in the writer's
+// session. For keys whose text depends on session settings (decided by type:
+// see schema.Column.TextStable) the trigger function pins those settings
+// (KeySettings), so that the key reads back the same in the sync's session
+// whatever the writer's DateStyle, TimeZone or extra_float_digits.
+//
+// The trigger function runs with its owner's rights (see tableDDL), so a
+// writer that has no rights on the library's schema is captured too.
 package capture
 
 import (
@@ -125,6 +129,17 @@ END $f$;`, c.q("changes"), c.q("capture_alive"), c.q("capture_truncate")))
 }
 
 // tableDDL is the trigger function and triggers for one table.
+//
+// The function is SECURITY DEFINER, owned by the role that installs
+// capture, so that every writer is captured whatever its own rights: a role
+// with rights on the table but none on the library's schema (a cron job, an
+// ETL role) would otherwise fail every write for the whole run. Its
+// search_path is pinned to pg_catalog, so that no name in it (a cast to
+// text, an operator) can be resolved to an object a writer placed earlier
+// on its own search_path, and EXECUTE is revoked from PUBLIC. Whether the
+// key changed is decided on the keys' text forms, which needs only
+// pg_catalog's text comparison (two texts for equal keys, as 1.0 and 1.00,
+// record both: harmless).
 func (c Capture) tableDDL(t *schema.Table) string {
 	key := func(rec string) string {
 		parts := make([]string, len(t.PrimaryKey))
@@ -133,56 +148,66 @@ func (c Capture) tableDDL(t *schema.Table) string {
 		}
 		return "ARRAY[" + strings.Join(parts, ", ") + "]"
 	}
-	rowOf := func(rec string) string {
-		parts := make([]string, len(t.PrimaryKey))
-		for i, col := range t.PrimaryKey {
-			parts[i] = rec + "." + pgx.Identifier{col}.Sanitize()
-		}
-		return "ROW(" + strings.Join(parts, ", ") + ")"
-	}
-	ins := func(rec string) string {
-		return fmt.Sprintf("INSERT INTO %s (tbl, k) VALUES (%d, %s);", c.q("changes"), t.OID, key(rec))
+	ins := func(k string) string {
+		return fmt.Sprintf("INSERT INTO %s (tbl, k) VALUES (%d, %s);", c.q("changes"), t.OID, k)
 	}
 	fn := c.q(fmt.Sprintf("capture_%d", t.OID))
 	return fmt.Sprintf(`
-CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql%[2]s AS $f$
+CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp%[2]s AS $f$
+DECLARE
+	k text[];
+	old_k text[];
 BEGIN
 	IF TG_OP = 'DELETE' THEN
 		%[3]s
-	ELSE
-		%[4]s
-		IF TG_OP = 'UPDATE' AND %[5]s IS DISTINCT FROM %[6]s THEN
-			%[3]s
+		RETURN NULL;
+	END IF;
+	k := %[4]s;
+	%[5]s
+	IF TG_OP = 'UPDATE' THEN
+		old_k := %[6]s;
+		IF old_k IS DISTINCT FROM k THEN
+			%[7]s
 		END IF;
 	END IF;
 	RETURN NULL;
 END $f$;
-DROP TRIGGER IF EXISTS %[7]s ON %[9]s;
-CREATE TRIGGER %[7]s AFTER INSERT OR UPDATE OR DELETE ON %[9]s FOR EACH ROW EXECUTE FUNCTION %[1]s();
-ALTER TABLE %[9]s ENABLE ALWAYS TRIGGER %[7]s;
-DROP TRIGGER IF EXISTS %[8]s ON %[9]s;
-CREATE TRIGGER %[8]s BEFORE TRUNCATE ON %[9]s FOR EACH STATEMENT EXECUTE FUNCTION %[10]s();
-ALTER TABLE %[9]s ENABLE ALWAYS TRIGGER %[8]s;`,
-		fn, pinSettings(t), ins("OLD"), ins("NEW"), rowOf("OLD"), rowOf("NEW"),
+REVOKE EXECUTE ON FUNCTION %[1]s() FROM PUBLIC;
+DROP TRIGGER IF EXISTS %[8]s ON %[10]s;
+CREATE TRIGGER %[8]s AFTER INSERT OR UPDATE OR DELETE ON %[10]s FOR EACH ROW EXECUTE FUNCTION %[1]s();
+ALTER TABLE %[10]s ENABLE ALWAYS TRIGGER %[8]s;
+DROP TRIGGER IF EXISTS %[9]s ON %[10]s;
+CREATE TRIGGER %[9]s BEFORE TRUNCATE ON %[10]s FOR EACH STATEMENT EXECUTE FUNCTION %[11]s();
+ALTER TABLE %[10]s ENABLE ALWAYS TRIGGER %[9]s;`,
+		fn, pinSettings(t), ins(key("OLD")), key("NEW"), ins("k"), key("OLD"), ins("old_k"),
 		pgx.Identifier{c.triggerName()}.Sanitize(), pgx.Identifier{c.truncateName()}.Sanitize(), t.QName(), c.q("capture_truncate"))
 }
 
+// KeySettings are the settings a key's text form may depend on, pinned in
+// the trigger function of a table whose key needs them and in the sync's
+// sessions (which parse the keys back) to the same values.
+var KeySettings = [][2]string{
+	{"DateStyle", "ISO, MDY"},
+	{"IntervalStyle", "postgres"},
+	{"extra_float_digits", "3"},
+	{"bytea_output", "hex"},
+	{"TimeZone", "UTC"},
+	{"lc_monetary", "C"},
+}
+
 // pinSettings returns SET clauses for a trigger function whose key text
-// would otherwise depend on the writing session's settings.
+// would otherwise depend on the writing session's settings. The decision
+// is by type, through domains, arrays, ranges and composites
+// (schema.Column.TextStable), not by the type's name.
 func pinSettings(t *schema.Table) string {
-	need := false
-	for _, col := range t.PrimaryKey {
-		c, _ := t.Column(col)
-		switch strings.TrimSuffix(strings.SplitN(c.Type, "(", 2)[0], "[]") {
-		case "date", "timestamp without time zone", "timestamp with time zone", "time without time zone",
-			"time with time zone", "interval", "real", "double precision", "bytea", "money":
-			need = true
-		}
-	}
-	if !need {
+	if t.KeyTextStable() {
 		return ""
 	}
-	return "\n\tSET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET extra_float_digits = 3 SET bytea_output = 'hex' SET TimeZone = 'UTC'"
+	var b strings.Builder
+	for _, kv := range KeySettings {
+		fmt.Fprintf(&b, " SET %s = '%s'", kv[0], kv[1])
+	}
+	return b.String()
 }
 
 // Remove drops every trigger and function the library installed in this

@@ -119,6 +119,7 @@ func (ls *localServer) start(ctx context.Context) error {
 		"-c", "max_wal_size=8GB",
 		"-c", "checkpoint_timeout=30min",
 		"-c", "max_locks_per_transaction=256",
+		"-c", "max_prepared_transactions=10",
 		"-c", "log_min_messages=warning",
 		"-c", "log_min_error_statement=panic",
 	)

@@ -21,7 +21,8 @@
 // own empty database from it in a few tens of milliseconds (NewDatabase).
 // Servers started here run with fsync off (they are throwaway) but keep
 // synchronous_commit on, so that a killed server keeps every acknowledged
-// commit, as a real one does.
+// commit, as a real one does; they allow prepared transactions (tests that
+// need them use a server of their own, whose settings are known).
 //
 // Every server requires a password over TCP, so URLs handed to tests carry
 // one; tests use that to check that passwords never leak into errors or logs.
@@ -438,4 +439,36 @@ func freePort() (int, error) {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Role is a login role created by the harness for one test.
+type Role struct {
+	Name, Password string
+	URL            string // URL for the role on the database it was made for
+}
+
+// NewRole creates a login role (a non-superuser) that may connect to d, and
+// runs grants (SQL, where %[1]s is the role's name) in d as the
+// administrative role. The role is dropped, with what it owns and its
+// privileges in d, when the test ends.
+func (d *Database) NewRole(t testing.TB, prefix, grants string) Role {
+	t.Helper()
+	r := Role{Name: RandomName(prefix + "_"), Password: RandomName("pw")}
+	r.URL = d.srv.URL(r.Name, r.Password, d.Name)
+	Exec(t, d.AdminURL(), fmt.Sprintf("CREATE ROLE %[1]s LOGIN PASSWORD '%[2]s'; GRANT CONNECT ON DATABASE %[3]s TO %[1]s; GRANT USAGE ON SCHEMA public TO %[1]s;",
+		r.Name, r.Password, d.Name)+fmt.Sprintf(grants, r.Name))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, d.AdminURL())
+		if err != nil {
+			return // the database may be gone with its server
+		}
+		defer conn.Close(context.Background())
+		_, _ = conn.Exec(ctx, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", r.Name)
+		if _, err := conn.Exec(ctx, fmt.Sprintf("DROP OWNED BY %[1]s; REVOKE ALL ON DATABASE %[2]s FROM %[1]s; DROP ROLE %[1]s", r.Name, d.Name)); err != nil {
+			t.Errorf("pgtest: drop role %s: %v", r.Name, err)
+		}
+	})
+	return r
 }

@@ -141,7 +141,7 @@ func (e *Engine) copyWorker(ctx context.Context, snap string, work <-chan unit) 
 		dstSQL := fmt.Sprintf("COPY %s (%s) FROM STDIN", u.dst.QName(), columnList(u.src.WritableColumns(), ""))
 		keep := e.Keep[u.src.String()]
 		if keep { // replace the rows in one transaction: an abort leaves the old ones
-			if err := dst.PgConn().Exec(ctx, "BEGIN; TRUNCATE "+u.dst.QName()).Close(); err != nil {
+			if err := dst.PgConn().Exec(ctx, "BEGIN; TRUNCATE ONLY "+u.dst.QName()).Close(); err != nil {
 				return fmt.Errorf("copy %s: %w", u.src, err)
 			}
 		}

@@ -99,7 +99,7 @@ func (e *Engine) queueDeletes(q *pgx.Batch, b *batch, tables []*schema.Table) er
 			params[i] = fmt.Sprintf("$%d::text[]", i+1)
 			conds[i] = fmt.Sprintf("d.%s = k.c%d::%s", pgx.Identifier{t.PrimaryKey[i]}.Sanitize(), i+1, types[i])
 		}
-		q.Queue(fmt.Sprintf("DELETE FROM %s d USING unnest(%s) AS k(%s) WHERE %s",
+		q.Queue(fmt.Sprintf("DELETE FROM ONLY %s d USING unnest(%s) AS k(%s) WHERE %s",
 			e.target(t).QName(), strings.Join(params, ", "), strings.Join(aliases, ", "), strings.Join(conds, " AND ")), args...)
 	}
 	return nil
@@ -279,9 +279,8 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	q.Queue(e.capture().AliveSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&alive) })
 	q.Queue(e.capture().FingerprintSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&fingerprint) })
 	q.Queue(e.changesSQL(0)).Query(func(rows pgx.Rows) (err error) { b, err = collectBatch(rows); return err })
-	names := e.sequenceNames()
-	if len(names) > 0 {
-		q.Queue(sequencesSQL, names).Query(func(rows pgx.Rows) (err error) { seqs, err = collectSequences(rows); return err })
+	if len(e.Source.Sequences) > 0 {
+		q.Queue(sequencesSQL(e.Source.Sequences)).Query(func(rows pgx.Rows) (err error) { seqs, err = collectSequences(rows); return err })
 	}
 	if err := srcTx.SendBatch(ctx, q).Close(); err != nil {
 		return res, fmt.Errorf("final sync: read the source: %w", err)
@@ -341,24 +340,20 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	return res, nil
 }
 
-// sequenceNames lists the synced sequences: free-standing ones and those
-// owned by synced tables.
-func (e *Engine) sequenceNames() []string {
-	var names []string
-	for _, s := range e.Source.Sequences {
-		if s.OwnedBy != "" {
-			parts := strings.SplitN(s.OwnedBy, ".", 3)
-			if len(parts) == 3 && e.Source.Table(parts[0]+"."+parts[1]) == nil {
-				continue // belongs to an excluded table
-			}
-		}
-		names = append(names, s.String())
+// sequencesSQL reads the state of the sequences from each sequence itself,
+// as pg_dump does: last_value and is_called. (pg_sequences.last_value is
+// NULL when is_called is false, as after ALTER SEQUENCE … RESTART or
+// setval(s, n, false), and its start_value is not the value to restore.)
+func sequencesSQL(seqs []*schema.Sequence) string {
+	parts := make([]string, len(seqs))
+	for i, s := range seqs {
+		parts[i] = fmt.Sprintf("SELECT %s, %s, last_value, is_called FROM %s",
+			quoteLiteral(s.Schema), quoteLiteral(s.Name), s.QName())
 	}
-	return names
+	return strings.Join(parts, " UNION ALL ")
 }
 
-const sequencesSQL = `SELECT schemaname::text, sequencename::text, coalesce(last_value, start_value), last_value IS NOT NULL
-FROM pg_sequences WHERE schemaname || '.' || sequencename = ANY($1)`
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 const setSequencesSQL = `SELECT setval(format('%I.%I', s, n)::regclass, v, c)
 FROM unnest($1::text[], $2::text[], $3::int8[], $4::bool[]) AS x(s, n, v, c)`

@@ -41,8 +41,13 @@
 // changes committed meanwhile stay for the next round. A crash between the
 // two commits re-applies the batch, which is idempotent.
 //
-// All sessions pin DateStyle, IntervalStyle, extra_float_digits, TimeZone and
-// bytea_output, so COPY's text form round-trips every value exactly.
+// All sessions pin their settings (sessionParams): COPY's text form
+// round-trips every value exactly, row level security cannot hide rows, and
+// the role's default isolation level does not matter.
+//
+// Every statement names its table with ONLY (COPY TO reads only the named
+// table by definition): a statement on an inheritance parent must never
+// reach its children, which are synced (or excluded) as tables of their own.
 package replicate
 
 import (
@@ -116,16 +121,28 @@ func (e *Engine) guard(ctx context.Context, q interface {
 	return nil
 }
 
-// sessionParams pin every setting COPY's text form depends on.
-var sessionParams = map[string]string{
-	"DateStyle":          "ISO, MDY",
-	"IntervalStyle":      "postgres",
-	"extra_float_digits": "3",
-	"TimeZone":           "UTC",
-	"bytea_output":       "hex",
-	"client_encoding":    "UTF8",
-	"lc_monetary":        "C",
-}
+// sessionParams are the settings of every sync session. The key settings
+// (capture.KeySettings) make COPY's text form round-trip every value exactly
+// and parse captured keys as the trigger rendered them. The others make the
+// role's or the database's defaults irrelevant: row_security off turns a
+// policy that would silently hide rows into an error (the preconditions
+// refuse such a table first), READ COMMITTED is what every statement that
+// waits for a lock needs (a REPEATABLE READ default would take its snapshot
+// before the wait), and the library bounds its own waits.
+var sessionParams = func() map[string]string {
+	p := map[string]string{
+		"client_encoding":                     "UTF8",
+		"row_security":                        "off",
+		"default_transaction_isolation":       "read committed",
+		"statement_timeout":                   "0",
+		"lock_timeout":                        "0",
+		"idle_in_transaction_session_timeout": "0",
+	}
+	for _, kv := range capture.KeySettings {
+		p[kv[0]] = kv[1]
+	}
+	return p
+}()
 
 // Connect opens a session with the pinned settings.
 func Connect(ctx context.Context, cfg *pgx.ConnConfig) (*pgx.Conn, error) {

@@ -21,6 +21,7 @@ const (
 	undoFK         = "fk"         // foreign key
 	undoTrigger    = "trigger"    // user trigger to enable again
 	undoValidate   = "validate"   // foreign key re-added NOT VALID, still to validate
+	undoMatView    = "matview"    // materialized view the run refreshed: refreshed again (or emptied) on abort
 )
 
 // undoTable creates the target's undo table. Every object the engine drops or
@@ -62,7 +63,7 @@ func (e *Engine) undoRecords(ctx context.Context, conn *pgx.Conn, kinds ...strin
 // abort leaves them with their rows. also are statements to run in the same
 // transaction (the caller's marks).
 func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, also ...string) error {
-	pending, err := e.undoRecords(ctx, conn, undoTruncate, undoConstraint, undoIndex, undoFK, undoTrigger, undoValidate)
+	pending, err := e.undoRecords(ctx, conn, undoTruncate, undoConstraint, undoIndex, undoFK, undoTrigger, undoValidate, undoMatView)
 	if err != nil {
 		return fmt.Errorf("prepare target: %w", err)
 	}
@@ -113,16 +114,22 @@ func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, also ...string) er
 				fmt.Sprintf("ALTER TABLE %s DISABLE TRIGGER %s", t.QName(), name))
 		}
 	}
+	for _, m := range e.Source.MatViews {
+		if d := e.Target.MatView(m.String()); d != nil {
+			b.Queue("INSERT INTO "+e.q("target_undo")+" (tbl, kind, name, restore) VALUES ($1, $2, $3, $4)",
+				d.QName(), undoMatView, d.String(), refresh(d, d.Populated))
+		}
+	}
 	var names []string
 	for _, t := range targets {
 		if !e.Keep[t.String()] {
 			names = append(names, t.QName())
 			b.Queue("INSERT INTO "+e.q("target_undo")+" (tbl, kind, name, restore, src) VALUES ($1, $2, $3, $4, $5)",
-				t.QName(), undoTruncate, t.String(), "TRUNCATE "+t.QName(), e.SourceID)
+				t.QName(), undoTruncate, t.String(), "TRUNCATE ONLY "+t.QName(), e.SourceID)
 		}
 	}
 	if len(names) > 0 {
-		b.Queue("TRUNCATE " + strings.Join(names, ", "))
+		b.Queue(truncateOnly(names))
 	}
 	for _, sql := range also {
 		b.Queue(sql)
@@ -134,6 +141,12 @@ func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, also ...string) er
 		return fmt.Errorf("prepare target: %w", err)
 	}
 	return nil
+}
+
+// truncateOnly empties the named tables and none of their inheritance
+// children (ONLY binds to one name of a list, so each gets its own).
+func truncateOnly(qnames []string) string {
+	return "TRUNCATE ONLY " + strings.Join(qnames, ", ONLY ")
 }
 
 func dropConstraint(t *schema.Table, c schema.Constraint) string {
@@ -164,6 +177,40 @@ func restoreKey(t *schema.Table, c schema.Constraint) string {
 	}
 	name := pgx.Identifier{c.Name}.Sanitize()
 	return fmt.Sprintf("%s;\nALTER TABLE %s ADD CONSTRAINT %s %s USING INDEX %s%s", c.IndexDef, t.QName(), name, kind, name, attrs)
+}
+
+// refresh is the statement that leaves a materialized view populated from
+// its query, or unpopulated.
+func refresh(m *schema.MatView, populated bool) string {
+	if populated {
+		return "REFRESH MATERIALIZED VIEW " + m.QName()
+	}
+	return "REFRESH MATERIALIZED VIEW " + m.QName() + " WITH NO DATA"
+}
+
+// RefreshMatViews computes the target's materialized views from the copied
+// rows, each after those it reads, and leaves unpopulated those that are
+// unpopulated in the source. The target serves no one yet, so the refresh
+// blocks nothing.
+func (e *Engine) RefreshMatViews(ctx context.Context) error {
+	order := e.Source.RefreshOrder()
+	if len(order) == 0 {
+		return nil
+	}
+	conn, err := Connect(ctx, e.Dst)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	e.progress().SetPhase("refresh materialized views", int64(len(order)), 0)
+	for _, m := range order {
+		e.progress().SetTable(m.String())
+		if _, err := conn.Exec(ctx, refresh(m, m.Populated)); err != nil {
+			return fmt.Errorf("refresh materialized view %s in the new database: %w", m, err)
+		}
+		e.progress().Add(1, 0)
+	}
+	return nil
 }
 
 // RebuildIndexes restores the key constraints and indexes dropped by Prepare,
@@ -273,7 +320,7 @@ func (e *Engine) Finish(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close(context.Background())
-	if _, err := conn.Exec(ctx, "DELETE FROM "+e.q("target_undo")+" WHERE kind = $1 AND src = $2", undoTruncate, e.SourceID); err != nil {
+	if _, err := conn.Exec(ctx, "DELETE FROM "+e.q("target_undo")+" WHERE (kind = $1 AND src = $2) OR kind = $3", undoTruncate, e.SourceID, undoMatView); err != nil {
 		return err
 	}
 	recs, err := e.undoRecords(ctx, conn, undoValidate)
@@ -292,7 +339,8 @@ func (e *Engine) Finish(ctx context.Context) error {
 // loaded from source (the database identity of the run's source; tables
 // loaded from another database are never emptied: this one may have become
 // live since), restores keys, indexes and foreign keys, enables the
-// triggers, validates pending foreign keys, and runs also. It is idempotent
+// triggers, validates pending foreign keys, computes the materialized views
+// the run refreshed again from the restored tables, and runs also. It is idempotent
 // and needs nothing but the target's undo table, so it works after any
 // failure, on any node. The caller must make sure the switch did not commit:
 // after it, the target is the live database.
@@ -327,7 +375,7 @@ func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source
 			ids[i] = r.id
 		}
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, "TRUNCATE "+strings.Join(names, ", ")); err != nil {
+			if _, err := tx.Exec(ctx, truncateOnly(names)); err != nil {
 				return err
 			}
 			_, err := tx.Exec(ctx, "DELETE FROM "+e.q("target_undo")+" WHERE id = ANY($1)", ids)
@@ -337,7 +385,7 @@ func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source
 			return fmt.Errorf("empty the tables loaded by the run: %w", err)
 		}
 	}
-	for _, kinds := range [][]string{{undoConstraint, undoIndex}, {undoFK}, {undoTrigger}, {undoValidate}} {
+	for _, kinds := range [][]string{{undoConstraint, undoIndex}, {undoFK}, {undoTrigger}, {undoValidate}, {undoMatView}} {
 		recs, err := e.undoRecords(ctx, conn, kinds...)
 		if err != nil {
 			return err

@@ -22,10 +22,19 @@ type TableCheck struct {
 	Equal     bool   `json:"equal"`
 }
 
+// SequenceCheck is the comparison of one sequence's state.
+type SequenceCheck struct {
+	Sequence string `json:"sequence"`
+	Old      string `json:"old"` // "last_value 42, is_called true"
+	New      string `json:"new"`
+	Equal    bool   `json:"equal"`
+}
+
 // Report is the result of a verification.
 type Report struct {
-	Tables []TableCheck `json:"tables"`
-	Equal  bool         `json:"equal"` // every table equal
+	Tables    []TableCheck    `json:"tables"`
+	Sequences []SequenceCheck `json:"sequences"`
+	Equal     bool            `json:"equal"` // every table and sequence equal
 }
 
 // Differences lists the tables that differ.
@@ -40,16 +49,20 @@ func (r Report) Differences() []TableCheck {
 }
 
 func (r Report) String() string {
-	diff := r.Differences()
-	if len(diff) == 0 {
-		return fmt.Sprintf("%d tables identical", len(r.Tables))
+	var lines []string
+	for _, d := range r.Differences() {
+		lines = append(lines, fmt.Sprintf("%s: %d rows (digest %s) in the old database, %d rows (digest %s) in the new one",
+			d.Table, d.OldRows, d.OldDigest, d.NewRows, d.NewDigest))
 	}
-	lines := make([]string, len(diff))
-	for i, d := range diff {
-		lines[i] = fmt.Sprintf("%s: %d rows (digest %s) in the old database, %d rows (digest %s) in the new one",
-			d.Table, d.OldRows, d.OldDigest, d.NewRows, d.NewDigest)
+	for _, s := range r.Sequences {
+		if !s.Equal {
+			lines = append(lines, fmt.Sprintf("sequence %s: %s in the old database, %s in the new one", s.Sequence, s.Old, s.New))
+		}
 	}
-	return fmt.Sprintf("%d of %d tables differ:\n  %s", len(diff), len(r.Tables), strings.Join(lines, "\n  "))
+	if len(lines) == 0 {
+		return fmt.Sprintf("%d tables and %d sequences identical", len(r.Tables), len(r.Sequences))
+	}
+	return fmt.Sprintf("%d of %d tables and %d sequences differ:\n  %s", len(lines), len(r.Tables), len(r.Sequences), strings.Join(lines, "\n  "))
 }
 
 // digestSQL computes, in the database, a table's row count and an
@@ -127,14 +140,60 @@ func Verify(ctx context.Context, src, dst *pgx.ConnConfig, source, target *schem
 		idx[i] = i
 	}
 	g.Go(func() error { return feed(gctx, work, idx) })
+	var seqs []SequenceCheck
+	if len(source.Sequences) > 0 {
+		g.Go(func() (err error) { seqs, err = verifySequences(gctx, src, dst, source.Sequences); return err })
+	}
 	if err := g.Wait(); err != nil {
 		return Report{}, err
 	}
-	r := Report{Tables: checks, Equal: true}
+	r := Report{Tables: checks, Sequences: seqs, Equal: true}
 	for _, c := range checks {
 		r.Equal = r.Equal && c.Equal
 	}
+	for _, s := range seqs {
+		r.Equal = r.Equal && s.Equal
+	}
 	return r, nil
+}
+
+// verifySequences compares the state (last_value, is_called) of the
+// sequences in the two databases.
+func verifySequences(ctx context.Context, src, dst *pgx.ConnConfig, seqs []*schema.Sequence) ([]SequenceCheck, error) {
+	read := func(cfg *pgx.ConnConfig) (map[string]string, error) {
+		conn, err := Connect(ctx, cfg)
+		if err != nil {
+			return nil, err
+		}
+		defer conn.Close(context.Background())
+		rows, err := conn.Query(ctx, sequencesSQL(seqs))
+		if err != nil {
+			return nil, err
+		}
+		v, err := collectSequences(rows)
+		if err != nil {
+			return nil, err
+		}
+		out := map[string]string{}
+		for i := range v.names {
+			out[v.schemas[i]+"."+v.names[i]] = fmt.Sprintf("last_value %d, is_called %v", v.values[i], v.called[i])
+		}
+		return out, nil
+	}
+	old, err := read(src)
+	if err != nil {
+		return nil, fmt.Errorf("verify sequences in the old database: %w", err)
+	}
+	cur, err := read(dst)
+	if err != nil {
+		return nil, fmt.Errorf("verify sequences in the new database: %w", err)
+	}
+	out := make([]SequenceCheck, len(seqs))
+	for i, s := range seqs {
+		out[i] = SequenceCheck{Sequence: s.String(), Old: old[s.String()], New: cur[s.String()]}
+		out[i].Equal = out[i].Old == out[i].New
+	}
+	return out, nil
 }
 
 // NonEmpty lists which of the database's tables hold at least one row, in one query.

@@ -1,21 +1,25 @@
-// Package schema reads the shape of a database (tables, columns, keys,
-// constraints, indexes, triggers, sequences) from the system catalogs and
-// checks that a target database can receive a source database's data.
+// Package schema reads what a database holds from the system catalogs (its
+// tables, their columns, keys, constraints, indexes, triggers, policies and
+// relationships; sequences; materialized views; and an inventory of every
+// kind of user object), and checks that a target database can receive a
+// source database's data.
 //
 // Introspection runs with search_path set to pg_catalog only, so that every
-// type and object name it renders is schema-qualified and two databases
-// render the same type the same way whatever their settings.
+// type, object name and expression it renders is schema-qualified and two
+// databases render the same thing the same way whatever their settings.
 //
-// Tables are the ordinary tables (and leaf partitions) of every schema but the
-// system ones, the library's own, and those owned by extensions. Partitioned
-// parents hold no rows and are not synced themselves; temporary tables are
-// ignored.
+// Tables are the ordinary tables (leaf partitions, inheritance children and
+// unlogged tables included) of every schema but the system ones, the
+// library's own, and those created by extensions. Partitioned parents hold
+// no rows and are not synced themselves; temporary tables belong to one
+// session and are ignored. What happens to every other kind of object is the
+// inventory's business (inventory.go): moved, recomputed, refused, or not
+// data, each with its reason.
 package schema
 
 import (
 	"context"
 	"fmt"
-	"slices"
 	"sort"
 	"strings"
 
@@ -27,10 +31,18 @@ type Column struct {
 	Name       string
 	Type       string // format_type, schema-qualified except for pg_catalog types
 	TypeOID    uint32
+	Collation  string // the column's collation if it is not its type's default, qualified
 	NotNull    bool
 	Generated  bool // stored generated column: computed by the database, never written
 	Identity   byte // 0, 'a' (ALWAYS) or 'd' (BY DEFAULT)
 	HasDefault bool
+	// TextStable says that the type's text form does not depend on session
+	// settings: it is not, and does not contain (through domains, arrays,
+	// ranges, composites), a date/time, interval, floating point, bytea,
+	// money, geometric or reg* type, nor a base type PostgreSQL does not
+	// ship. Change capture renders keys as text in the writer's session;
+	// keys of other types need the settings pinned.
+	TextStable bool
 }
 
 // Constraint is a table constraint other than NOT NULL.
@@ -71,9 +83,22 @@ type Table struct {
 	Indexes      []Index
 	Triggers     []Trigger
 	Partition    bool  // a leaf partition: synced as a table of its own; its indexes belong to the parent's
+	Unlogged     bool  // its rows are lost at a crash of its server; moved all the same
 	RowsEstimate int64 // pg_class.reltuples, -1 if never analysed
 	Bytes        int64 // pg_table_size
 	Pages        int64 // pg_class.relpages (estimate)
+
+	// Parents are the tables it inherits from (qualified, in order), or its
+	// partitioned parent; Bound is its partition bound.
+	Parents []string
+	Bound   string
+	// RowSecurity and ForceRowSecurity are relrowsecurity and
+	// relforcerowsecurity; Policies renders each policy (name, command,
+	// roles, expressions) for comparison.
+	RowSecurity, ForceRowSecurity bool
+	Policies                      []string
+	// DeleteRules names the rules that rewrite a DELETE on the table.
+	DeleteRules []string
 
 	// Privileges of the current role on the table.
 	CanSelect, CanInsert, CanDelete, CanTruncate, CanTrigger, IsOwner bool
@@ -108,6 +133,17 @@ func (t *Table) WritableColumns() []Column {
 	return out
 }
 
+// KeyTextStable reports whether every primary key column's text form is
+// independent of session settings (Column.TextStable).
+func (t *Table) KeyTextStable() bool {
+	for _, name := range t.PrimaryKey {
+		if c, ok := t.Column(name); !ok || !c.TextStable {
+			return false
+		}
+	}
+	return true
+}
+
 // ForeignKeys returns the table's foreign keys.
 func (t *Table) ForeignKeys() []Constraint {
 	var out []Constraint
@@ -122,9 +158,16 @@ func (t *Table) ForeignKeys() []Constraint {
 // Sequence is a sequence.
 type Sequence struct {
 	Schema, Name string
-	OwnedBy      string // "schema.table.column" for serial and identity sequences
-	CanUpdate    bool   // UPDATE privilege (setval)
-	CanSelect    bool
+	// OwnedBy is "schema.table.column" for serial and identity sequences
+	// (the table may be a partitioned parent).
+	OwnedBy string
+	// UsedBy lists the tables ("schema.table") whose column defaults call it.
+	UsedBy []string
+	// Params renders the definition that decides the values it hands out
+	// (type, start, increment, bounds, cycle), for comparison.
+	Params    string
+	CanUpdate bool // UPDATE privilege (setval)
+	CanSelect bool
 }
 
 // QName is the sequence's quoted, qualified name.
@@ -133,20 +176,65 @@ func (s *Sequence) QName() string { return pgx.Identifier{s.Schema, s.Name}.Sani
 // String is the sequence's qualified name for messages.
 func (s *Sequence) String() string { return s.Schema + "." + s.Name }
 
+// ownerTable is the table that owns the sequence ("schema.table"), if any.
+func (s *Sequence) ownerTable() (schema, table string, ok bool) {
+	parts := strings.SplitN(s.OwnedBy, ".", 3)
+	if len(parts) != 3 {
+		return "", "", false
+	}
+	return parts[0], parts[1], true
+}
+
+// MatView is a materialized view.
+type MatView struct {
+	Schema, Name string
+	Populated    bool
+	IsOwner      bool     // the current role may refresh it
+	DependsOn    []string // materialized views it reads ("schema.name")
+}
+
+// QName is the materialized view's quoted, qualified name.
+func (m *MatView) QName() string { return pgx.Identifier{m.Schema, m.Name}.Sanitize() }
+
+// String is the materialized view's qualified name for messages.
+func (m *MatView) String() string { return m.Schema + "." + m.Name }
+
+// Role is what matters of the current role.
+type Role struct {
+	Name                 string
+	Superuser, BypassRLS bool
+}
+
 // Database is the shape of one database.
 type Database struct {
-	Name      string
-	Version   int // server_version_num
-	Tables    []*Table
-	Sequences []*Sequence
+	Name    string
+	Version int // server_version_num
+	Role    Role
+	Tables  []*Table
+	// Sequences are the sequences a sync moves: after Select, those that no
+	// excluded table alone owns or uses. AllSequences are every sequence.
+	Sequences, AllSequences []*Sequence
+	MatViews                []*MatView
 	// PartitionedFKs names foreign keys that involve a partitioned table,
 	// which the sync does not support.
 	PartitionedFKs []string
-	byName         map[string]*Table
+	// Inventory lists every kind of user object the database holds.
+	Inventory []Found
+	byName    map[string]*Table
 }
 
 // Table returns the table with the qualified name schema.name.
 func (d *Database) Table(qname string) *Table { return d.byName[qname] }
+
+// MatView returns the materialized view with the qualified name schema.name.
+func (d *Database) MatView(qname string) *MatView {
+	for _, m := range d.MatViews {
+		if m.String() == qname {
+			return m
+		}
+	}
+	return nil
+}
 
 // TableByOID returns the table with that oid.
 func (d *Database) TableByOID(oid uint32) *Table {
@@ -181,21 +269,36 @@ func Read(ctx context.Context, conn *pgx.Conn, opts Options) (*Database, error) 
 // excludedSchemas is a SQL condition on n.nspname for schemas never synced.
 const excludedSchemas = `n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp\_%' AND n.nspname <> $1`
 
+// notExtensionMember is a SQL condition on c.oid: the relation was not
+// created by an extension.
+const notExtensionMember = `NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')`
+
+// stableTypes are the base types whose text form no session setting changes.
+var stableTypes = []string{"bool", "char", "name", "int8", "int2", "int2vector", "int4", "text", "oid", "tid", "xid", "xid8",
+	"cid", "oidvector", "json", "jsonb", "jsonpath", "xml", "cidr", "inet", "macaddr", "macaddr8", "bpchar", "varchar",
+	"bit", "varbit", "numeric", "uuid", "pg_lsn", "tsvector", "tsquery"}
+
+// queries run in order by read, each filling part of the database.
 func read(ctx context.Context, tx pgx.Tx, opts Options) (*Database, error) {
 	if _, err := tx.Exec(ctx, "SET LOCAL search_path = pg_catalog"); err != nil {
 		return nil, err
 	}
 	db := &Database{byName: map[string]*Table{}}
-	if err := tx.QueryRow(ctx, "SELECT current_database(), current_setting('server_version_num')::int").Scan(&db.Name, &db.Version); err != nil {
+	if err := tx.QueryRow(ctx, `SELECT current_database(), current_setting('server_version_num')::int,
+	current_user, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user`).
+		Scan(&db.Name, &db.Version, &db.Role.Name, &db.Role.Superuser, &db.Role.BypassRLS); err != nil {
 		return nil, err
 	}
 	rows, err := tx.Query(ctx, `
-SELECT c.oid, n.nspname, c.relname, pg_get_userbyid(c.relowner), c.relispartition, c.reltuples::bigint, pg_table_size(c.oid), c.relpages,
+SELECT c.oid, n.nspname, c.relname, pg_get_userbyid(c.relowner), c.relispartition, c.relpersistence = 'u',
+	c.reltuples::bigint, pg_table_size(c.oid), c.relpages, c.relrowsecurity, c.relforcerowsecurity,
+	ARRAY(SELECT pn.nspname || '.' || p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+		JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid ORDER BY i.inhseqno)::text[],
+	coalesce(pg_get_expr(c.relpartbound, c.oid), ''),
 	has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'INSERT'), has_table_privilege(c.oid, 'DELETE'),
 	has_table_privilege(c.oid, 'TRUNCATE'), has_table_privilege(c.oid, 'TRIGGER'), pg_has_role(c.relowner, 'USAGE')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND `+excludedSchemas+`
-	AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND `+excludedSchemas+` AND `+notExtensionMember+`
 ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
 	if err != nil {
 		return nil, err
@@ -203,7 +306,8 @@ ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
 	byOID := map[uint32]*Table{}
 	for rows.Next() {
 		t := &Table{}
-		if err := rows.Scan(&t.OID, &t.Schema, &t.Name, &t.Owner, &t.Partition, &t.RowsEstimate, &t.Bytes, &t.Pages,
+		if err := rows.Scan(&t.OID, &t.Schema, &t.Name, &t.Owner, &t.Partition, &t.Unlogged, &t.RowsEstimate, &t.Bytes, &t.Pages,
+			&t.RowSecurity, &t.ForceRowSecurity, &t.Parents, &t.Bound,
 			&t.CanSelect, &t.CanInsert, &t.CanDelete, &t.CanTruncate, &t.CanTrigger, &t.IsOwner); err != nil {
 			return nil, err
 		}
@@ -226,30 +330,69 @@ ORDER BY 1`, opts.LibrarySchema)
 	if db.PartitionedFKs, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
 		return nil, err
 	}
-	if len(db.Tables) == 0 {
-		return db, readSequences(ctx, tx, db, opts)
+	if len(db.Tables) > 0 {
+		if err := readTableDetails(ctx, tx, byOID); err != nil {
+			return nil, err
+		}
 	}
+	if err := readSequences(ctx, tx, db, opts); err != nil {
+		return nil, err
+	}
+	if err := readMatViews(ctx, tx, db, opts); err != nil {
+		return nil, err
+	}
+	if db.Inventory, err = inventory(ctx, tx, opts.LibrarySchema); err != nil {
+		return nil, fmt.Errorf("inventory: %w", err)
+	}
+	db.AllSequences = db.Sequences
+	return db, nil
+}
+
+// readTableDetails reads columns, constraints, indexes, triggers, policies
+// and rules of the tables.
+func readTableDetails(ctx context.Context, tx pgx.Tx, byOID map[uint32]*Table) error {
 	oids := make([]uint32, 0, len(byOID))
 	for oid := range byOID {
 		oids = append(oids, oid)
 	}
 
-	// Columns.
-	rows, err = tx.Query(ctx, `
-SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, a.attnotnull,
-	a.attgenerated <> '', a.attidentity, a.atthasdef
-FROM pg_attribute a
+	// Columns, with whether their type's text form is stable: the type, and
+	// every type it is made of (domain base, array element, range subtype,
+	// composite attribute), must be stable by itself.
+	rows, err := tx.Query(ctx, `
+WITH RECURSIVE walk(root, t) AS (
+	SELECT DISTINCT a.atttypid, a.atttypid FROM pg_attribute a WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
+	UNION
+	SELECT w.root, x.child FROM walk w JOIN pg_type ty ON ty.oid = w.t
+	CROSS JOIN LATERAL (
+		SELECT ty.typbasetype WHERE ty.typtype = 'd'
+		UNION ALL SELECT ty.typelem WHERE ty.typelem <> 0
+		UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid
+		UNION ALL SELECT r.rngtypid FROM pg_range r WHERE r.rngmultitypid = ty.oid
+		UNION ALL SELECT a.atttypid FROM pg_attribute a WHERE ty.typrelid <> 0 AND a.attrelid = ty.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+	) x(child)
+), stable AS (
+	SELECT w.root, bool_and(ty.typtype IN ('d', 'c', 'r', 'm', 'e') OR (ty.typcategory = 'A' AND ty.typelem <> 0)
+		OR (ty.typnamespace = 'pg_catalog'::regnamespace AND ty.typname = ANY($2))) AS ok
+	FROM walk w JOIN pg_type ty ON ty.oid = w.t GROUP BY w.root
+)
+SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid,
+	CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
+		THEN (SELECT cn.nspname || '.' || co.collname FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace WHERE co.oid = a.attcollation)
+		ELSE '' END,
+	a.attnotnull, a.attgenerated <> '', a.attidentity, a.atthasdef, coalesce(s.ok, false)
+FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid LEFT JOIN stable s ON s.root = a.atttypid
 WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY a.attrelid, a.attnum`, oids)
+ORDER BY a.attrelid, a.attnum`, oids, stableTypes)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	for rows.Next() {
 		var oid uint32
 		var c Column
 		var ident string
-		if err := rows.Scan(&oid, &c.Name, &c.Type, &c.TypeOID, &c.NotNull, &c.Generated, &ident, &c.HasDefault); err != nil {
-			return nil, err
+		if err := rows.Scan(&oid, &c.Name, &c.Type, &c.TypeOID, &c.Collation, &c.NotNull, &c.Generated, &ident, &c.HasDefault, &c.TextStable); err != nil {
+			return err
 		}
 		if ident != "" {
 			c.Identity = ident[0]
@@ -257,7 +400,7 @@ ORDER BY a.attrelid, a.attnum`, oids)
 		byOID[oid].Columns = append(byOID[oid].Columns, c)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, err
+		return err
 	}
 
 	// Constraints (primary, unique, foreign, exclusion, check).
@@ -274,7 +417,7 @@ FROM pg_constraint con
 WHERE con.conrelid = ANY($1) AND con.contype IN ('p', 'u', 'f', 'x', 'c')
 ORDER BY con.conrelid, con.contype, con.conname`, oids)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	for rows.Next() {
 		var oid uint32
@@ -282,7 +425,7 @@ ORDER BY con.conrelid, con.contype, con.conname`, oids)
 		var kind string
 		var ref *string
 		if err := rows.Scan(&oid, &c.Name, &kind, &c.Def, &c.IndexDef, &c.Deferrable, &c.Deferred, &c.Inherited, &c.Columns, &ref, &c.RefColumns); err != nil {
-			return nil, err
+			return err
 		}
 		c.Kind = kind[0]
 		if ref != nil {
@@ -295,7 +438,7 @@ ORDER BY con.conrelid, con.contype, con.conname`, oids)
 		}
 	}
 	if err := rows.Err(); err != nil {
-		return nil, err
+		return err
 	}
 
 	// Indexes that do not back a constraint.
@@ -307,18 +450,18 @@ WHERE i.indrelid = ANY($1)
 	AND NOT EXISTS (SELECT 1 FROM pg_inherits inh WHERE inh.inhrelid = i.indexrelid)
 ORDER BY i.indrelid, ic.relname`, oids)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	for rows.Next() {
 		var oid uint32
 		var ix Index
 		if err := rows.Scan(&oid, &ix.Name, &ix.Def); err != nil {
-			return nil, err
+			return err
 		}
 		byOID[oid].Indexes = append(byOID[oid].Indexes, ix)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, err
+		return err
 	}
 
 	// User triggers.
@@ -328,35 +471,78 @@ FROM pg_trigger tg
 WHERE tg.tgrelid = ANY($1) AND NOT tg.tgisinternal
 ORDER BY tg.tgrelid, tg.tgname`, oids)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	for rows.Next() {
 		var oid uint32
 		var tg Trigger
 		var en string
 		if err := rows.Scan(&oid, &tg.Name, &en); err != nil {
-			return nil, err
+			return err
 		}
 		tg.Enabled = en[0]
 		byOID[oid].Triggers = append(byOID[oid].Triggers, tg)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, err
+		return err
 	}
-	return db, readSequences(ctx, tx, db, opts)
+
+	// Row level security policies, rendered for comparison.
+	rows, err = tx.Query(ctx, `
+SELECT p.polrelid, p.polname || ': ' || CASE WHEN p.polpermissive THEN 'permissive' ELSE 'restrictive' END || ' for ' ||
+	CASE p.polcmd WHEN 'r' THEN 'select' WHEN 'a' THEN 'insert' WHEN 'w' THEN 'update' WHEN 'd' THEN 'delete' ELSE 'all' END ||
+	' to ' || coalesce((SELECT string_agg(CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END, ', ' ORDER BY 1) FROM unnest(p.polroles) r), '') ||
+	coalesce(' using (' || pg_get_expr(p.polqual, p.polrelid) || ')', '') ||
+	coalesce(' with check (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')', '')
+FROM pg_policy p WHERE p.polrelid = ANY($1) ORDER BY p.polrelid, p.polname`, oids)
+	if err != nil {
+		return err
+	}
+	for rows.Next() {
+		var oid uint32
+		var p string
+		if err := rows.Scan(&oid, &p); err != nil {
+			return err
+		}
+		byOID[oid].Policies = append(byOID[oid].Policies, p)
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+
+	// Rules that rewrite a DELETE (ev_type 4).
+	rows, err = tx.Query(ctx, `SELECT ev_class, rulename FROM pg_rewrite WHERE ev_class = ANY($1) AND ev_type = '4' ORDER BY 1, 2`, oids)
+	if err != nil {
+		return err
+	}
+	for rows.Next() {
+		var oid uint32
+		var name string
+		if err := rows.Scan(&oid, &name); err != nil {
+			return err
+		}
+		byOID[oid].DeleteRules = append(byOID[oid].DeleteRules, name)
+	}
+	return rows.Err()
 }
 
+// readSequences reads the sequences that are not extension members (but an
+// extension's configuration sequences, whose state is the user's).
 func readSequences(ctx context.Context, tx pgx.Tx, db *Database, opts Options) error {
 	rows, err := tx.Query(ctx, `
 SELECT n.nspname, c.relname,
 	(SELECT tn.nspname || '.' || tc.relname || '.' || a.attname
 	 FROM pg_depend d JOIN pg_class tc ON tc.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
 	 JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
-	 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype IN ('a', 'i') LIMIT 1),
+	 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') LIMIT 1),
+	ARRAY(SELECT DISTINCT tn.nspname || '.' || tc.relname
+	 FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid JOIN pg_class tc ON tc.oid = ad.adrelid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
+	 WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid ORDER BY 1)::text[],
+	format('as %s start %s increment %s minvalue %s maxvalue %s cycle %s', format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcycle),
 	has_sequence_privilege(c.oid, 'UPDATE'), has_sequence_privilege(c.oid, 'SELECT')
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_sequence s ON s.seqrelid = c.oid
 WHERE c.relkind = 'S' AND c.relpersistence <> 't' AND `+excludedSchemas+`
-	AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+	AND (`+notExtensionMember+` OR EXISTS (SELECT 1 FROM pg_extension e WHERE c.oid = ANY(e.extconfig)))
 ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
 	if err != nil {
 		return err
@@ -365,7 +551,7 @@ ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
 	for rows.Next() {
 		s := &Sequence{}
 		var owned *string
-		if err := rows.Scan(&s.Schema, &s.Name, &owned, &s.CanUpdate, &s.CanSelect); err != nil {
+		if err := rows.Scan(&s.Schema, &s.Name, &owned, &s.UsedBy, &s.Params, &s.CanUpdate, &s.CanSelect); err != nil {
 			return err
 		}
 		if owned != nil {
@@ -376,11 +562,36 @@ ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
 	return rows.Err()
 }
 
-// Select returns the database restricted to the tables not excluded.
-// Patterns are "schema.table", where either part may be "*"; a bare name
-// means that table in any schema. The library's schema is never included.
+// readMatViews reads the materialized views and which others each reads.
+func readMatViews(ctx context.Context, tx pgx.Tx, db *Database, opts Options) error {
+	rows, err := tx.Query(ctx, `
+SELECT n.nspname, c.relname, c.relispopulated, pg_has_role(c.relowner, 'USAGE'),
+	ARRAY(SELECT DISTINCT dn.nspname || '.' || dc.relname
+		FROM pg_rewrite r JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
+		JOIN pg_class dc ON dc.oid = d.refobjid AND dc.relkind = 'm' AND dc.oid <> c.oid JOIN pg_namespace dn ON dn.oid = dc.relnamespace
+		WHERE r.ev_class = c.oid ORDER BY 1)::text[]
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'm' AND `+excludedSchemas+` AND `+notExtensionMember+`
+ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
+	if err != nil {
+		return err
+	}
+	db.MatViews, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (*MatView, error) {
+		m := &MatView{}
+		return m, r.Scan(&m.Schema, &m.Name, &m.Populated, &m.IsOwner, &m.DependsOn)
+	})
+	return err
+}
+
+// Select returns the database restricted to what a switchover excluding
+// those patterns moves: the tables not excluded, the materialized views not
+// excluded, and the sequences that some moved table owns or uses, or that
+// no table owns or uses. Patterns are "schema.table", where either part may
+// be "*"; a bare name means that table in any schema. The library's schema
+// is never included.
 func (d *Database) Select(exclude []string) *Database {
-	out := &Database{Name: d.Name, Version: d.Version, byName: map[string]*Table{}, Sequences: d.Sequences, PartitionedFKs: d.PartitionedFKs}
+	out := &Database{Name: d.Name, Version: d.Version, Role: d.Role, byName: map[string]*Table{},
+		AllSequences: d.AllSequences, PartitionedFKs: d.PartitionedFKs, Inventory: d.Inventory}
 	for _, t := range d.Tables {
 		if Excluded(exclude, t.Schema, t.Name) {
 			continue
@@ -388,7 +599,39 @@ func (d *Database) Select(exclude []string) *Database {
 		out.Tables = append(out.Tables, t)
 		out.byName[t.String()] = t
 	}
+	for _, s := range d.AllSequences {
+		if s.movedWith(exclude) {
+			out.Sequences = append(out.Sequences, s)
+		}
+	}
+	for _, m := range d.MatViews {
+		if !Excluded(exclude, m.Schema, m.Name) {
+			out.MatViews = append(out.MatViews, m)
+		}
+	}
 	return out
+}
+
+// movedWith reports whether a switchover excluding those patterns carries
+// the sequence over: unless every table that owns it or uses it in a
+// default is excluded (the sequence is then theirs, and the new database's
+// excluded tables may depend on its own value).
+func (s *Sequence) movedWith(exclude []string) bool {
+	var users []string
+	if sch, tbl, ok := s.ownerTable(); ok {
+		users = append(users, sch+"."+tbl)
+	}
+	users = append(users, s.UsedBy...)
+	if len(users) == 0 {
+		return true
+	}
+	for _, u := range users {
+		sch, tbl, _ := strings.Cut(u, ".")
+		if !Excluded(exclude, sch, tbl) {
+			return true
+		}
+	}
+	return false
 }
 
 // Excluded reports whether schema.name matches one of the patterns.
@@ -440,126 +683,30 @@ func (d *Database) Order() []*Table {
 	return out
 }
 
-// Problem is one reason the switchover cannot run, naming its object.
-type Problem struct {
-	Object string // "public.orders", "public.orders.total", "database", …
-	Issue  string
-}
-
-func (p Problem) String() string { return p.Object + ": " + p.Issue }
-
-// Problems is a list of problems; as an error it lists them all.
-type Problems []Problem
-
-func (ps Problems) Error() string {
-	lines := make([]string, len(ps))
-	for i, p := range ps {
-		lines[i] = "  - " + p.String()
+// RefreshOrder returns the materialized views so that each comes after the
+// ones it reads.
+func (d *Database) RefreshOrder() []*MatView {
+	byName := map[string]*MatView{}
+	for _, m := range d.MatViews {
+		byName[m.String()] = m
 	}
-	return fmt.Sprintf("%d problem(s):\n%s", len(ps), strings.Join(lines, "\n"))
-}
-
-// Check compares a source and a target database and lists every reason the
-// target cannot receive the source's data: missing tables, columns or
-// sequences, different types, generated columns or primary keys, tables
-// without a primary key, foreign keys between synced and excluded tables, and
-// missing privileges. src and dst must be restricted (Select) alike.
-func Check(src, dst *Database, exclude []string) Problems {
-	var ps Problems
-	add := func(obj, format string, args ...any) {
-		ps = append(ps, Problem{Object: obj, Issue: fmt.Sprintf(format, args...)})
-	}
-	for _, fk := range src.PartitionedFKs {
-		add(fk, "foreign keys on or to partitioned tables are not supported: drop the constraint during the switchover, or exclude the tables")
-	}
-	for _, s := range src.Tables {
-		name := s.String()
-		if len(s.PrimaryKey) == 0 {
-			add(name, "has no primary key: add one, or exclude the table (Config.ExcludeTables) if it need not move")
+	var out []*MatView
+	seen := map[*MatView]bool{}
+	var visit func(m *MatView)
+	visit = func(m *MatView) {
+		if seen[m] {
+			return
 		}
-		if !s.CanSelect {
-			add(name, "the old database's role may not SELECT from it: GRANT SELECT ON %s TO <role>", s.QName())
-		}
-		if !s.CanTrigger && !s.IsOwner {
-			add(name, "the old database's role may not create triggers on it (change capture): make the role its owner or GRANT TRIGGER ON %s TO <role>", s.QName())
-		}
-		for _, fk := range s.ForeignKeys() {
-			if rs, rn, _ := strings.Cut(fk.RefTable, "."); Excluded(exclude, rs, rn) {
-				add(name, "foreign key %s references excluded table %s: exclude both or neither", fk.Name, fk.RefTable)
+		seen[m] = true
+		for _, dep := range m.DependsOn {
+			if dm := byName[dep]; dm != nil {
+				visit(dm)
 			}
 		}
-		d := dst.Table(name)
-		if d == nil {
-			add(name, "table missing in the new database: create the schema there first (run your migrations)")
-			continue
-		}
-		if !d.IsOwner {
-			add(name, "the new database's role does not own it: the sync drops and restores its indexes and constraints and disables its triggers, which needs ownership (ALTER TABLE %s OWNER TO <role>)", d.QName())
-		}
-		for _, sc := range s.Columns {
-			dc, ok := d.Column(sc.Name)
-			col := name + "." + sc.Name
-			switch {
-			case !ok:
-				add(col, "column missing in the new database")
-			case sc.Type != dc.Type:
-				add(col, "type %s in the old database, %s in the new one", sc.Type, dc.Type)
-			case sc.Generated != dc.Generated:
-				add(col, "generated in one database and not in the other")
-			}
-		}
-		for _, dc := range d.Columns {
-			if _, ok := s.Column(dc.Name); !ok && dc.NotNull && !dc.HasDefault && dc.Identity == 0 && !dc.Generated {
-				add(name+"."+dc.Name, "column exists only in the new database, NOT NULL and without a default: rows cannot be written")
-			}
-		}
-		if !slices.Equal(s.PrimaryKey, d.PrimaryKey) {
-			add(name, "primary key (%s) in the old database, (%s) in the new one", strings.Join(s.PrimaryKey, ", "), strings.Join(d.PrimaryKey, ", "))
-		}
+		out = append(out, m)
 	}
-	srcSeq := map[string]*Sequence{}
-	for _, s := range src.Sequences {
-		srcSeq[s.String()] = s
+	for _, m := range d.MatViews {
+		visit(m)
 	}
-	dstSeq := map[string]*Sequence{}
-	for _, s := range dst.Sequences {
-		dstSeq[s.String()] = s
-	}
-	for _, s := range src.Sequences {
-		if owner := s.OwnedBy; owner != "" {
-			parts := strings.SplitN(owner, ".", 3)
-			if len(parts) == 3 && Excluded(exclude, parts[0], parts[1]) {
-				continue
-			}
-		}
-		if !s.CanSelect {
-			add(s.String(), "the old database's role may not read this sequence: GRANT SELECT ON SEQUENCE %s TO <role>", s.QName())
-		}
-		d := dstSeq[s.String()]
-		if d == nil {
-			add(s.String(), "sequence missing in the new database")
-			continue
-		}
-		if !d.CanUpdate {
-			add(s.String(), "the new database's role may not set this sequence: GRANT UPDATE ON SEQUENCE %s TO <role>", d.QName())
-		}
-	}
-	return ps
-}
-
-// CheckReferences lists foreign keys, in the full (unrestricted) database,
-// between synced and excluded tables in either direction.
-func CheckReferences(full *Database, exclude []string) Problems {
-	var ps Problems
-	for _, t := range full.Tables {
-		tEx := Excluded(exclude, t.Schema, t.Name)
-		for _, fk := range t.ForeignKeys() {
-			rs, rn, _ := strings.Cut(fk.RefTable, ".")
-			if rEx := Excluded(exclude, rs, rn); tEx && !rEx {
-				ps = append(ps, Problem{Object: t.String(), Issue: fmt.Sprintf(
-					"excluded, but its foreign key %s references synced table %s: exclude both or neither", fk.Name, fk.RefTable)})
-			}
-		}
-	}
-	return ps
+	return out
 }
