@@ -648,8 +648,35 @@ func (c *Connector) commitOutcome(commitErr error) error {
 // behind the library's back: pg_advisory_unlock_all, DISCARD ALL): they could
 // write after the switch. Sessions that wait for the lock are fine: they read
 // the switch state once they get it.
+//
+// A backend that is exiting (a connection the drain has just closed, whose
+// release of the lock is what let this session take it) releases its locks
+// before it leaves pg_stat_activity: for a moment it looks like a stray. It
+// can no longer write, and it is gone within milliseconds; so only sessions
+// still there after strayGrace are strays.
 func (c *Connector) strayApplicationSessions(ctx context.Context, conn *pgx.Conn) error {
-	var stray []string
+	deadline := time.Now().Add(strayGrace)
+	for {
+		stray, err := c.listStraySessions(ctx, conn)
+		if err != nil || len(stray) == 0 {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("swo: application sessions on the old database lost the connection lock (pg_advisory_unlock_all or DISCARD ALL on a connector's connection?): %v; the switch is refused because they could write after it", stray)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// strayGrace is how long a session without the connection lock may take to
+// disappear before it counts as a stray.
+const strayGrace = 300 * time.Millisecond
+
+func (c *Connector) listStraySessions(ctx context.Context, conn *pgx.Conn) ([]string, error) {
 	rows, err := conn.Query(ctx, `SELECT a.pid || ' ' || a.application_name FROM pg_stat_activity a
 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.application_name LIKE '%' || $3 || ':app%'
 	AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
@@ -657,13 +684,7 @@ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.applica
 	AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory'
 		AND l.classid::int4 = $1 AND l.objid::int4 = $2 AND l.objsubid = 2)`, c.keys.space, lockConn, c.cfg.Namespace)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if stray, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
-		return err
-	}
-	if len(stray) > 0 {
-		return fmt.Errorf("swo: application sessions on the old database lost the connection lock (pg_advisory_unlock_all or DISCARD ALL on a connector's connection?): %v; the switch is refused because they could write after it", stray)
-	}
-	return nil
+	return pgx.CollectRows(rows, pgx.RowTo[string])
 }

@@ -591,3 +591,39 @@ func TestSchemaChangeDuringTheRunIsRefused(t *testing.T) {
 	waitFor(t, func() bool { return l.count.Load() > n+20 })
 	l.check(t, tc, doneAt(t, tc))
 }
+
+// TestStrayApplicationSessionIsRefused: an application connection that lost
+// the connection lock (pg_advisory_unlock_all on it) could write after the
+// switch: EXECUTE refuses, naming it, and the service stays on the old
+// database. (Connections the drain closes, whose backends are still exiting
+// when the leader looks, must not count: every other EXECUTE test would
+// fail now and then if they did.)
+func TestStrayApplicationSessionIsRefused(t *testing.T) {
+	tc := newCluster(t, 1, false, nil)
+	ctx := testCtx(t)
+	conn, err := tc.dbs[0].Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var pid int
+	if err := conn.QueryRowContext(ctx, "SELECT pg_backend_pid() FROM (SELECT pg_advisory_unlock_all()) u").Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	oc := pgtest.Connect(t, tc.old.URL)
+	waitFor(t, func() bool { // the check leaves alone sessions younger than a second
+		var old bool
+		_ = oc.QueryRow(ctx, "SELECT backend_start < now() - interval '1.2 seconds' FROM pg_stat_activity WHERE pid = $1", pid).Scan(&old)
+		return old
+	})
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	err = tc.nodes[0].Execute(ctx)
+	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "lost the connection lock") || !strings.Contains(err.Error(), fmt.Sprint(pid)) {
+		t.Fatalf("EXECUTE with a stray session: %v", err)
+	}
+	if got := dbName(t, tc.dbs[0]); got != tc.old.Name {
+		t.Fatalf("after the refused switch the service reaches %s", got)
+	}
+}
