@@ -256,13 +256,13 @@ func generateSchema(rnd *rand.Rand) *genSchema {
 
 // randomWriter runs one writer's transactions until stopped.
 type randomWriter struct {
-	g        *genSchema
-	rnd      *rand.Rand
-	next     *atomic.Int64 // row numbers for inserts, shared by the writers
-	bypass   bool          // writes as another role, outside the connector: no sequence is touched
-	commits  atomic.Int64
-	exited   atomic.Bool
-	errs     []error
+	g       *genSchema
+	rnd     *rand.Rand
+	next    *atomic.Int64 // row numbers for inserts, shared by the writers
+	bypass  bool          // writes as another role, outside the connector: no sequence is touched
+	commits atomic.Int64
+	exited  atomic.Bool
+	errs    []error
 }
 
 // tx returns the statements of one random transaction.
