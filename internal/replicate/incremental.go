@@ -280,7 +280,10 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	q.Queue(e.capture().FingerprintSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&fingerprint) })
 	q.Queue(e.changesSQL(0)).Query(func(rows pgx.Rows) (err error) { b, err = collectBatch(rows); return err })
 	if len(e.Source.Sequences) > 0 {
-		q.Queue(sequencesSQL(e.Source.Sequences)).Query(func(rows pgx.Rows) (err error) { seqs, err = collectSequences(rows); return err })
+		q.Queue(sequencesSQL(e.Source.Sequences)).Query(func(rows pgx.Rows) (err error) {
+			seqs, err = collectSequences(rows, e.Source.Sequences)
+			return err
+		})
 	}
 	if err := srcTx.SendBatch(ctx, q).Close(); err != nil {
 		return res, fmt.Errorf("final sync: read the source: %w", err)
@@ -347,13 +350,10 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 func sequencesSQL(seqs []*schema.Sequence) string {
 	parts := make([]string, len(seqs))
 	for i, s := range seqs {
-		parts[i] = fmt.Sprintf("SELECT %s, %s, last_value, is_called FROM %s",
-			quoteLiteral(s.Schema), quoteLiteral(s.Name), s.QName())
+		parts[i] = fmt.Sprintf("SELECT %d, last_value, is_called FROM %s", i, s.QName())
 	}
 	return strings.Join(parts, " UNION ALL ")
 }
-
-func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 const setSequencesSQL = `SELECT setval(format('%I.%I', s, n)::regclass, v, c)
 FROM unnest($1::text[], $2::text[], $3::int8[], $4::bool[]) AS x(s, n, v, c)`
@@ -365,17 +365,18 @@ type seqValues struct {
 	called         []bool
 }
 
-func collectSequences(rows pgx.Rows) (seqValues, error) {
+// collectSequences reads the rows of sequencesSQL(seqs).
+func collectSequences(rows pgx.Rows, seqs []*schema.Sequence) (seqValues, error) {
 	defer rows.Close()
 	var v seqValues
 	for rows.Next() {
-		var s, n string
+		var i int
 		var x int64
 		var c bool
-		if err := rows.Scan(&s, &n, &x, &c); err != nil {
+		if err := rows.Scan(&i, &x, &c); err != nil {
 			return v, err
 		}
-		v.schemas, v.names, v.values, v.called = append(v.schemas, s), append(v.names, n), append(v.values, x), append(v.called, c)
+		v.schemas, v.names, v.values, v.called = append(v.schemas, seqs[i].Schema), append(v.names, seqs[i].Name), append(v.values, x), append(v.called, c)
 	}
 	return v, rows.Err()
 }

@@ -170,7 +170,7 @@ func verifySequences(ctx context.Context, src, dst *pgx.ConnConfig, seqs []*sche
 		if err != nil {
 			return nil, err
 		}
-		v, err := collectSequences(rows)
+		v, err := collectSequences(rows, seqs)
 		if err != nil {
 			return nil, err
 		}
