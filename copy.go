@@ -102,15 +102,37 @@ func (c *Connector) check(ctx context.Context) (*syncRun, error) {
 	if len(problems) > 0 {
 		return nil, fmt.Errorf("%w: %w", ErrPreconditions, problems)
 	}
+	srcCfg, dstCfg, err := c.syncConfigs(ctx, src, roleSync)
+	if err != nil {
+		return nil, err
+	}
 	return &syncRun{
 		c:   c,
 		cap: capture.Capture{Schema: c.cfg.Namespace},
 		eng: &replicate.Engine{
-			Src: c.syncConfig(c.old), Dst: c.syncConfig(c.next), SourceID: c.old.info.ID,
+			Src: srcCfg, Dst: dstCfg, SourceID: c.old.info.ID,
 			Schema: c.cfg.Namespace, Source: source, Target: target,
-			Workers: c.cfg.SyncWorkers, Log: c.log, Progress: &replicate.Progress{},
+			RefusedNow: srcFull.RefusedNowSQL(c.cfg.ExcludeTables),
+			Workers:    c.cfg.SyncWorkers, Log: c.log, Progress: &replicate.Progress{},
 		},
 	}, nil
+}
+
+// syncConfigs returns the settings of the sessions that copy and compare
+// data on both databases: both use the old database's search_path (as its
+// role and database set it), so that values whose text form names objects
+// (regclass and the other reg* types) render and parse the same way on both
+// sides, and functions in generated columns, constraints and indexes resolve
+// names as they do in the old database. src is a session on the old database
+// with its defaults.
+func (c *Connector) syncConfigs(ctx context.Context, src *pgx.Conn, role string) (old, next *pgx.ConnConfig, err error) {
+	var path string
+	if err := src.QueryRow(ctx, "SELECT current_setting('search_path')").Scan(&path); err != nil {
+		return nil, nil, c.scrub(fmt.Errorf("old database: read search_path: %w", err))
+	}
+	old, next = c.roleConfig(c.old, role), c.roleConfig(c.next, role)
+	old.RuntimeParams["search_path"], next.RuntimeParams["search_path"] = path, path
+	return old, next, nil
 }
 
 // sameDatabase tells, by a live session check, whether the two connections
@@ -190,7 +212,7 @@ func (r *syncRun) startCapture(ctx context.Context) error {
 	}
 	// The shape of the tables and triggers now: the final sync checks that
 	// nothing changed it meanwhile.
-	return conn.QueryRow(ctx, r.cap.FingerprintSQL()).Scan(&r.eng.Fingerprint)
+	return conn.QueryRow(ctx, r.eng.FingerprintSQL()).Scan(&r.eng.Fingerprint)
 }
 
 // prepare readies the target for the bulk load and marks it as being filled
@@ -285,27 +307,30 @@ func (c *Connector) Verify(ctx context.Context) (VerifyReport, error) {
 	if c.next == nil {
 		return VerifyReport{}, fmt.Errorf("%w: Verify needs --db-url-next", ErrConfig)
 	}
-	src, err := replicate.Connect(ctx, c.roleConfig(c.old, roleVerify))
+	src, err := c.connect(ctx, c.old, roleVerify)
 	if err != nil {
-		return VerifyReport{}, c.scrub(err)
+		return VerifyReport{}, err
 	}
 	defer src.Close(context.Background())
-	dst, err := replicate.Connect(ctx, c.roleConfig(c.next, roleVerify))
+	dst, err := c.connect(ctx, c.next, roleVerify)
 	if err != nil {
-		return VerifyReport{}, c.scrub(err)
+		return VerifyReport{}, err
 	}
 	defer dst.Close(context.Background())
 	opts := schema.Options{LibrarySchema: c.cfg.Namespace}
 	source, err := schema.Read(ctx, src, opts)
 	if err != nil {
-		return VerifyReport{}, err
+		return VerifyReport{}, c.scrub(err)
 	}
 	target, err := schema.Read(ctx, dst, opts)
 	if err != nil {
+		return VerifyReport{}, c.scrub(err)
+	}
+	srcCfg, dstCfg, err := c.syncConfigs(ctx, src, roleVerify)
+	if err != nil {
 		return VerifyReport{}, err
 	}
-	rep, err := replicate.Verify(ctx, c.roleConfig(c.old, roleVerify), c.roleConfig(c.next, roleVerify),
-		source.Select(c.cfg.ExcludeTables), target.Select(c.cfg.ExcludeTables), c.cfg.SyncWorkers)
+	rep, err := replicate.Verify(ctx, srcCfg, dstCfg, source.Select(c.cfg.ExcludeTables), target.Select(c.cfg.ExcludeTables), c.cfg.SyncWorkers)
 	return rep, c.scrub(err)
 }
 
@@ -592,6 +617,7 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) 
 	msg := fmt.Sprintf("swo: database %s is obsolete: it was switched over to database %s; writes are refused. Use the new database.",
 		c.old.info.ID, c.nextInfo().ID)
 	mark := append([]string{c.meta.MarkSwitchedSQL(c.nextInfo().ID)}, r.cap.RejectWritesSQL(msg)...)
+	mark = append(mark, res.Freeze...)
 	if res.Consume != "" {
 		mark = append(mark, res.Consume)
 	}

@@ -307,8 +307,13 @@ func TestObsoleteDatabaseRejectsWrites(t *testing.T) {
 	}
 	pgtest.AssertSame(t, tc.old, tc.next, pgtest.CompareOptions{})
 	oc := pgtest.Connect(t, tc.old.URL)
+	// A write that draws from a moved sequence is refused by the sequence,
+	// frozen at the switch, before the row is written.
+	if _, err := oc.Exec(ctx, "INSERT INTO notes (body) VALUES ('straggler')"); err == nil || !strings.Contains(err.Error(), `reached maximum value of sequence "notes_id_seq"`) {
+		t.Errorf("INSERT drawing from a moved sequence on the obsolete database: err = %v, want the sequence's refusal", err)
+	}
 	for _, q := range []string{
-		"INSERT INTO notes (body) VALUES ('straggler')",
+		"INSERT INTO notes (id, body) VALUES (1000000, 'straggler')",
 		"UPDATE counters SET n = n + 1 WHERE id = 1",
 		"DELETE FROM notes WHERE id = 1",
 		"TRUNCATE notes",

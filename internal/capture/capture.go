@@ -136,15 +136,19 @@ END $f$;`, c.q("changes"), c.q("capture_alive"), c.q("capture_truncate")))
 // ETL role) would otherwise fail every write for the whole run. Its
 // search_path is pinned to pg_catalog, so that no name in it (a cast to
 // text, an operator) can be resolved to an object a writer placed earlier
-// on its own search_path, and EXECUTE is revoked from PUBLIC. Whether the
-// key changed is decided on the keys' text forms, which needs only
-// pg_catalog's text comparison (two texts for equal keys, as 1.0 and 1.00,
-// record both: harmless).
+// on its own search_path, and EXECUTE is revoked from PUBLIC. Keys are
+// rendered with their types' output functions (never a cast of the user's).
+// Whether the key changed is decided on the keys' text forms, which needs
+// only pg_catalog's text comparison (two texts for equal keys, as 1.0 and
+// 1.00, record both: harmless).
 func (c Capture) tableDDL(t *schema.Table) string {
+	// format's %s renders a value with its type's output function, as COPY
+	// does; a cast to text would use a cast of the user's if the type has
+	// one (and run it with the function owner's rights).
 	key := func(rec string) string {
 		parts := make([]string, len(t.PrimaryKey))
 		for i, col := range t.PrimaryKey {
-			parts[i] = rec + "." + pgx.Identifier{col}.Sanitize() + "::text"
+			parts[i] = "format('%s', " + rec + "." + pgx.Identifier{col}.Sanitize() + ")"
 		}
 		return "ARRAY[" + strings.Join(parts, ", ") + "]"
 	}
@@ -286,23 +290,48 @@ func (c Capture) Installed(ctx context.Context, conn *pgx.Conn) ([]uint32, error
 	return pgx.CollectRows(rows, pgx.RowTo[uint32])
 }
 
-// FingerprintSQL selects a digest of the shape of every table in the
-// database's user schemas (oids, names, columns and their types) and of the
-// capture triggers' states. Taken when capture is installed and again in the
-// final sync, it tells whether DDL or a disabled trigger could have let a
-// write escape capture in between.
-func (c Capture) FingerprintSQL() string {
+// FingerprintSQL selects a digest of what decides whether every write to
+// the moved tables is captured and whether their rows can be moved as they
+// are: every table of the database's user schemas (oid, name, kind,
+// columns and their types) and its capture triggers' states; for the moved
+// tables and partitioned tables also their storage (relfilenode: a rewrite
+// such as ALTER COLUMN … TYPE … USING changes rows without firing a
+// trigger), row level security, policies, inheritance parents and partition
+// bounds; and the definitions of the moved sequences. Taken when capture is
+// installed and again in the final sync, it tells whether DDL could have
+// let a change escape capture in between. (VACUUM FULL and CLUSTER of a
+// moved table change it too: such a run fails safely.)
+func (c Capture) FingerprintSQL(moved []*schema.Table, seqs []*schema.Sequence) string {
+	oids := make([]string, 0, len(moved))
+	for _, t := range moved {
+		oids = append(oids, fmt.Sprint(t.OID))
+	}
+	seqOIDs := make([]string, 0, len(seqs))
+	for _, s := range seqs {
+		seqOIDs = append(seqOIDs, fmt.Sprint(s.OID))
+	}
 	return fmt.Sprintf(`SELECT md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
 	SELECT cl.oid::text || ':' || n.nspname || '.' || cl.relname || ':' || cl.relkind::text || ':' ||
 		coalesce((SELECT string_agg(a.attname || ' ' || a.atttypid::text || ' ' || a.atttypmod::text, ';' ORDER BY a.attnum)
-			FROM pg_attribute a WHERE a.attrelid = cl.oid AND a.attnum > 0 AND NOT a.attisdropped), '') || ':' ||
+			FROM pg_catalog.pg_attribute a WHERE a.attrelid = cl.oid AND a.attnum > 0 AND NOT a.attisdropped), '') || ':' ||
 		coalesce((SELECT string_agg(t.tgname || '=' || t.tgenabled::text, ';' ORDER BY t.tgname)
-			FROM pg_trigger t WHERE t.tgrelid = cl.oid AND t.tgname IN ('%[2]s', '%[3]s')), '') AS x
-	FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace
+			FROM pg_catalog.pg_trigger t WHERE t.tgrelid = cl.oid AND t.tgname IN ('%[2]s', '%[3]s')), '') ||
+		CASE WHEN cl.oid = ANY('{%[4]s}'::oid[]) OR cl.relkind = 'p' THEN ':' || cl.relfilenode::text || ':' ||
+			cl.relrowsecurity::text || cl.relforcerowsecurity::text || ':' || coalesce(cl.relpartbound::text, '') || ':' ||
+			coalesce((SELECT string_agg(i.inhparent::text, ';' ORDER BY i.inhseqno) FROM pg_catalog.pg_inherits i WHERE i.inhrelid = cl.oid), '') || ':' ||
+			coalesce((SELECT string_agg(p.polname || p.polcmd::text || p.polpermissive::text || p.polroles::text ||
+				coalesce(p.polqual::text, '') || coalesce(p.polwithcheck::text, ''), ';' ORDER BY p.polname)
+				FROM pg_catalog.pg_policy p WHERE p.polrelid = cl.oid), '')
+		ELSE '' END AS x
+	FROM pg_catalog.pg_class cl JOIN pg_catalog.pg_namespace n ON n.oid = cl.relnamespace
 	WHERE cl.relkind IN ('r', 'p') AND cl.relpersistence <> 't'
 		AND n.nspname NOT IN ('pg_catalog', 'information_schema', '%[1]s')
-		AND n.nspname NOT LIKE 'pg\_toast%%' AND n.nspname NOT LIKE 'pg\_temp\_%%') s`,
-		c.Schema, c.triggerName(), c.truncateName())
+		AND n.nspname NOT LIKE 'pg\_toast%%' AND n.nspname NOT LIKE 'pg\_temp\_%%'
+	UNION ALL
+	SELECT 'sequence ' || s.seqrelid::text || ':' || s.seqtypid::text || ':' || s.seqincrement::text || ':' || s.seqmin::text || ':' ||
+		s.seqmax::text || ':' || s.seqcycle::text
+	FROM pg_catalog.pg_sequence s WHERE s.seqrelid = ANY('{%[5]s}'::oid[])) s`,
+		c.Schema, c.triggerName(), c.truncateName(), strings.Join(oids, ","), strings.Join(seqOIDs, ","))
 }
 
 // AliveSQL selects whether capture is intact (see Alive).

@@ -27,12 +27,16 @@ import (
 //   - the rows of every ordinary table of every user schema (partitions,
 //     inheritance children and unlogged tables included), columns matched by
 //     name, generated columns included;
-//   - the state of every sequence: last_value and is_called;
+//   - the state of every sequence: the value nextval hands out next (from
+//     last_value, is_called and the increment: an is_called false sequence
+//     at n and an is_called true one at n - increment are the same state);
 //   - large objects: owner, privileges and content;
 //   - materialized views: whether they are populated;
 //   - table relationships: inheritance parents, partition parents and
-//     bounds;
-//   - which tables and sequences exist.
+//     bounds; row level security (enabled, forced) and policies;
+//   - which tables and sequences exist, user tables in system schemas
+//     included;
+//   - with CompareOptions.MatViewRows, the rows of materialized views.
 
 // CompareOptions narrow a comparison.
 type CompareOptions struct {
@@ -43,6 +47,10 @@ type CompareOptions struct {
 	SkipTables []string
 	// SkipSequences ("schema.sequence") are not compared.
 	SkipSequences []string
+	// MatViewRows compares the rows of materialized views too (their
+	// content is computed again in a new database, not copied: equal only
+	// when nothing was written since they were refreshed).
+	MatViewRows bool
 }
 
 // sessionSettings make every value's text form the same whatever the
@@ -83,18 +91,24 @@ func connectChecker(ctx context.Context, url string) (*pgx.Conn, error) {
 // dbContent is what the checker reads of one database.
 type dbContent struct {
 	tables    map[string][]string // qualified name -> column names, sorted
+	mvCols    map[string][]string // materialized view -> column names, sorted
 	relations map[string]string   // qualified name -> "inherits a, b" / "partition of p FOR VALUES ..."
+	security  map[string]string   // qualified name -> row level security and policies
 	sequences map[string]string   // qualified name -> "last_value/is_called"
 	matviews  map[string]bool     // qualified name -> populated
 	largeObjs map[uint32]string   // oid -> owner, acl, md5 of content
 }
 
 func readContent(ctx context.Context, conn *pgx.Conn, skipSchemas []string) (*dbContent, error) {
-	c := &dbContent{tables: map[string][]string{}, relations: map[string]string{}, sequences: map[string]string{},
-		matviews: map[string]bool{}, largeObjs: map[uint32]string{}}
-	userSchema := `n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)' AND NOT n.nspname = ANY($1)`
+	c := &dbContent{tables: map[string][]string{}, mvCols: map[string][]string{}, relations: map[string]string{}, security: map[string]string{},
+		sequences: map[string]string{}, matviews: map[string]bool{}, largeObjs: map[uint32]string{}}
+	userSchema := `(n.nspname NOT IN ('pg_catalog', 'information_schema') OR c.oid >= 16384) AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)' AND NOT n.nspname = ANY($1)`
 	rows, err := conn.Query(ctx, `
 SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind::text, c.relispopulated,
+	'rls ' || c.relrowsecurity::text || ' forced ' || c.relforcerowsecurity::text || ' policies ' ||
+	coalesce((SELECT string_agg(p.polname || ' ' || p.polcmd::text || ' ' || p.polpermissive::text || ' ' || p.polroles::regrole[]::text || ' ' ||
+		coalesce(pg_get_expr(p.polqual, p.polrelid), '') || ' ' || coalesce(pg_get_expr(p.polwithcheck, p.polrelid), ''), '; ' ORDER BY p.polname)
+		FROM pg_policy p WHERE p.polrelid = c.oid), ''),
 	coalesce((SELECT string_agg(quote_ident(a.attname), ',' ORDER BY a.attname) FROM pg_attribute a
 		WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), ''),
 	coalesce((SELECT string_agg(quote_ident(pn.nspname) || '.' || quote_ident(p.relname), ',' ORDER BY i.inhseqno)
@@ -107,9 +121,9 @@ WHERE c.relkind IN ('r', 'p', 'S', 'm') AND c.relpersistence <> 't' AND `+userSc
 		return nil, err
 	}
 	for rows.Next() {
-		var name, kind, cols, parents, bound string
+		var name, kind, security, cols, parents, bound string
 		var populated bool
-		if err := rows.Scan(&name, &kind, &populated, &cols, &parents, &bound); err != nil {
+		if err := rows.Scan(&name, &kind, &populated, &security, &cols, &parents, &bound); err != nil {
 			return nil, err
 		}
 		switch kind {
@@ -120,22 +134,24 @@ WHERE c.relkind IN ('r', 'p', 'S', 'm') AND c.relpersistence <> 't' AND `+userSc
 			if parents != "" {
 				c.relations[name] = "inherits " + parents + " " + bound
 			}
+			c.security[name] = security
 		case "S":
 			c.sequences[name] = ""
 		case "m":
 			c.matviews[name] = populated
+			c.mvCols[name] = strings.Split(cols, ",")
 		}
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err
 	}
 	for name := range c.sequences {
-		var last int64
-		var called bool
-		if err := conn.QueryRow(ctx, "SELECT last_value, is_called FROM "+name).Scan(&last, &called); err != nil {
+		var next string
+		err := conn.QueryRow(ctx, `SELECT CASE WHEN is_called THEN last_value::numeric + (SELECT seqincrement FROM pg_sequence WHERE seqrelid = $1::regclass) ELSE last_value END::text FROM `+name, name).Scan(&next)
+		if err != nil {
 			return nil, fmt.Errorf("sequence %s: %w", name, err)
 		}
-		c.sequences[name] = fmt.Sprintf("last_value %d, is_called %v", last, called)
+		c.sequences[name] = "next value " + next
 	}
 	rows, err = conn.Query(ctx, `SELECT oid, pg_get_userbyid(lomowner) || ' ' || coalesce(lomacl::text, '') || ' ' || md5(lo_get(oid))
 FROM pg_largeobject_metadata`)
@@ -283,9 +299,30 @@ func Compare(ctx context.Context, oldURL, newURL string, opts CompareOptions) ([
 			add("relation of %s: only in the new database: %q", name, n.relations[name])
 		}
 	}
+	for _, name := range sortedKeys(o.security) {
+		if ns, ok := n.security[name]; ok && ns != o.security[name] {
+			add("table %s: %s in the old database, %s in the new", name, o.security[name], ns)
+		}
+	}
 	for _, name := range sortedKeys(o.matviews) {
-		if np, ok := n.matviews[name]; !ok || np != o.matviews[name] {
+		np, ok := n.matviews[name]
+		if !ok || np != o.matviews[name] {
 			add("materialized view %s: populated %v in the old database, %v (exists %v) in the new", name, o.matviews[name], np, ok)
+			continue
+		}
+		if !opts.MatViewRows || !np {
+			continue
+		}
+		oh, _, err := tableRows(ctx, oc, name, o.mvCols[name])
+		if err != nil {
+			return nil, fmt.Errorf("old database: materialized view %s: %w", name, err)
+		}
+		nh, _, err := tableRows(ctx, nc, name, o.mvCols[name])
+		if err != nil {
+			return nil, fmt.Errorf("new database: materialized view %s: %w", name, err)
+		}
+		if !slices.Equal(oh, nh) {
+			add("materialized view %s: %d rows in the old database, %d in the new, not the same", name, len(oh), len(nh))
 		}
 	}
 	for _, oid := range sortedKeys(o.largeObjs) {

@@ -53,7 +53,7 @@ func startDocker(ctx context.Context) (*Server, error) {
 		Tag:        tag,
 		Env:        []string{"POSTGRES_PASSWORD=" + password, "POSTGRES_HOST_AUTH_METHOD=scram-sha-256", "POSTGRES_INITDB_ARGS=--auth-host=scram-sha-256"},
 		Cmd: []string{"postgres", "-c", "fsync=off", "-c", "full_page_writes=off",
-			"-c", "max_connections=500", "-c", "max_locks_per_transaction=256", "-c", "max_wal_size=8GB", "-c", "max_prepared_transactions=10"},
+			"-c", "max_connections=500", "-c", "max_locks_per_transaction=256", "-c", "max_wal_size=8GB", "-c", "max_prepared_transactions=10", "-c", "wal_level=logical"},
 		PortBindings: map[docker.Port][]docker.PortBinding{
 			"5432/tcp": {{HostIP: "127.0.0.1", HostPort: strconv.Itoa(port)}},
 		},

@@ -120,6 +120,7 @@ func (ls *localServer) start(ctx context.Context) error {
 		"-c", "checkpoint_timeout=30min",
 		"-c", "max_locks_per_transaction=256",
 		"-c", "max_prepared_transactions=10",
+		"-c", "wal_level=logical",
 		"-c", "log_min_messages=warning",
 		"-c", "log_min_error_statement=panic",
 	)

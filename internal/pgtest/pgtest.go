@@ -21,8 +21,9 @@
 // own empty database from it in a few tens of milliseconds (NewDatabase).
 // Servers started here run with fsync off (they are throwaway) but keep
 // synchronous_commit on, so that a killed server keeps every acknowledged
-// commit, as a real one does; they allow prepared transactions (tests that
-// need them use a server of their own, whose settings are known).
+// commit, as a real one does; they allow prepared transactions and logical
+// replication slots (tests that need them use a server of their own when the
+// shared one does not).
 //
 // Every server requires a password over TCP, so URLs handed to tests carry
 // one; tests use that to check that passwords never leak into errors or logs.

@@ -122,7 +122,10 @@ SELECT lo_from_bytea(424242, 'large');`
 	}{
 		{"UPDATE t SET f = 0.3 WHERE id = 2", "table public.t: 2 rows in the old database, 2 in the new; 1 rows only in the old, 1 only in the new"},
 		{"DELETE FROM kid", "table public.kid: 1 rows in the old database, 0 in the new"},
-		{"SELECT setval('s', 1, false)", "sequence public.s: last_value 1, is_called false in the old database, last_value 1, is_called true in the new"},
+		{"SELECT setval('s', 1, false)", "sequence public.s: next value 1 in the old database, next value 2 in the new"},
+		{"ALTER TABLE t NO FORCE ROW LEVEL SECURITY", "table public.t: rls true forced true policies hide * true {-} false  in the old database, rls true forced false"},
+		{"ALTER POLICY hide ON t USING (id > 0)", "policies hide * true {-} (id > 0)"},
+		{"CREATE TABLE information_schema.sneaky (id int)", "table information_schema.sneaky: only in the new database"},
 		{"SELECT lo_unlink(424242); SELECT lo_from_bytea(424242, 'LARGE')", "large object 424242"},
 		{"REFRESH MATERIALIZED VIEW m WITH NO DATA", "materialized view public.m: populated true in the old database, false"},
 		{"ALTER TABLE parted DETACH PARTITION parted_a", `relation of public.parted_a: "inherits public.parted FOR VALUES FROM (0) TO (10)" in the old database, "" in the new`},

@@ -254,6 +254,9 @@ type FinalResult struct {
 	// Consume deletes the applied changes: the caller runs it in the source
 	// transaction (with the statements that mark the switch).
 	Consume string
+	// Freeze makes the moved sequences refuse nextval in the old database
+	// from the switch on: the caller runs it in the source transaction too.
+	Freeze []string
 }
 
 // Final runs the last round inside the pause, in few round trips. srcTx is
@@ -261,24 +264,36 @@ type FinalResult struct {
 // Final first locks the change table in ACCESS EXCLUSIVE mode, which waits for
 // every transaction that captured a change and blocks any further captured
 // write until srcTx ends, so the source's synced tables are frozen while
-// Final reads them. It applies the remaining changes, carries the sequences
-// over, restores foreign keys (NOT VALID) and triggers on the target, and
-// commits the target. The caller then runs res.Consume and commits srcTx
-// after marking the switch in it.
+// Final reads them; it checks that capture is intact, that no DDL changed
+// what it captures (the fingerprint) and that no refused kind of object
+// appeared (e.RefusedNow); it freezes each moved sequence (ALTER SEQUENCE
+// takes a lock that nextval waits for, until srcTx ends) before reading its
+// state. It applies the remaining changes, carries the sequences over,
+// restores foreign keys (NOT VALID) and triggers on the target, and commits
+// the target. The caller then runs res.Consume and res.Freeze and commits
+// srcTx after marking the switch in it.
 func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res FinalResult, err error) {
 	start := time.Now()
-	// Source, one round trip: lock, capture intact, changes, sequences.
+	// Source, one round trip: lock, capture intact, fingerprint, refused
+	// objects, changes, sequences frozen and read.
 	var (
 		alive       bool
 		fingerprint string
+		refused     []string
 		b           *batch
 		seqs        seqValues
 	)
 	q := &pgx.Batch{}
 	q.Queue("LOCK TABLE " + e.capture().ChangesTable() + " IN ACCESS EXCLUSIVE MODE")
 	q.Queue(e.capture().AliveSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&alive) })
-	q.Queue(e.capture().FingerprintSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&fingerprint) })
+	q.Queue(e.FingerprintSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&fingerprint) })
+	if e.RefusedNow != "" {
+		q.Queue(e.RefusedNow).QueryRow(func(r pgx.Row) error { return r.Scan(&refused) })
+	}
 	q.Queue(e.changesSQL(0)).Query(func(rows pgx.Rows) (err error) { b, err = collectBatch(rows); return err })
+	for _, s := range e.Source.Sequences {
+		q.Queue("ALTER SEQUENCE " + s.QName() + " NO CYCLE")
+	}
 	if len(e.Source.Sequences) > 0 {
 		q.Queue(sequencesSQL(e.Source.Sequences)).Query(func(rows pgx.Rows) (err error) {
 			seqs, err = collectSequences(rows, e.Source.Sequences)
@@ -294,6 +309,10 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	if e.Fingerprint != "" && fingerprint != e.Fingerprint {
 		return res, ErrSchemaChanged
 	}
+	if len(refused) > 0 {
+		return res, fmt.Errorf("%w: %s", ErrRefusedAppeared, strings.Join(refused, ", "))
+	}
+	res.Freeze = freezeSQL(e.Source.Sequences, seqs)
 	res.Changes, res.Sequences = b.changes, len(seqs.names)
 	tables, err := e.tables(b)
 	if err != nil {
@@ -343,6 +362,40 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	return res, nil
 }
 
+// freezeSQL returns, for the moved sequences in the states read, the
+// statements that make nextval fail in the old database from the switch on,
+// as the change table's trigger makes every captured write fail: each
+// sequence's bounds close around its last value, which it then holds as
+// handed out (is_called), so that its next value lies outside them. (An
+// is_called false sequence returns its last value without a bounds check;
+// setval to the value before it, with is_called, means the same next value.)
+// A sequence at its type's very end keeps only the final sync's freeze.
+func freezeSQL(seqs []*schema.Sequence, v seqValues) []string {
+	var out []string
+	for i := range v.names {
+		s := seqs[v.index[i]]
+		last, inc := v.values[i], s.Increment
+		m := last
+		if !v.called[i] {
+			if (inc > 0 && last < s.TypeMin+inc) || (inc < 0 && last > s.TypeMax+inc) {
+				continue
+			}
+			m = last - inc
+		}
+		lo, hi := m-1, m
+		if inc < 0 {
+			lo, hi = m, m+1
+		}
+		if (inc > 0 && m == s.TypeMin) || (inc < 0 && m == s.TypeMax) {
+			continue
+		}
+		out = append(out,
+			fmt.Sprintf("ALTER SEQUENCE %s NO CYCLE MINVALUE %d MAXVALUE %d START %d RESTART %d", s.QName(), lo, hi, m, m),
+			fmt.Sprintf("SELECT pg_catalog.setval(%d, %d, true)", s.OID, m))
+	}
+	return out
+}
+
 // sequencesSQL reads the state of the sequences from each sequence itself,
 // as pg_dump does: last_value and is_called. (pg_sequences.last_value is
 // NULL when is_called is false, as after ALTER SEQUENCE … RESTART or
@@ -363,6 +416,7 @@ type seqValues struct {
 	schemas, names []string
 	values         []int64
 	called         []bool
+	index          []int // into the sequences read
 }
 
 // collectSequences reads the rows of sequencesSQL(seqs).
@@ -377,6 +431,7 @@ func collectSequences(rows pgx.Rows, seqs []*schema.Sequence) (seqValues, error)
 			return v, err
 		}
 		v.schemas, v.names, v.values, v.called = append(v.schemas, seqs[i].Schema), append(v.names, seqs[i].Name), append(v.values, x), append(v.called, c)
+		v.index = append(v.index, i)
 	}
 	return v, rows.Err()
 }

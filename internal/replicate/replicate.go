@@ -90,6 +90,10 @@ type Engine struct {
 	// Fingerprint is the source's capture fingerprint (capture.FingerprintSQL)
 	// taken when capture was installed; Final refuses to switch if it changed.
 	Fingerprint string
+	// RefusedNow, if set, selects the refused kinds of objects the source
+	// holds now (schema.Database.RefusedNowSQL): Final refuses to switch if
+	// one appeared during the run.
+	RefusedNow string
 	// Guard, if set, is a query returning true while this run may still write
 	// (its leader holds the execution lock). Rounds and the initial copy run
 	// it in their source transaction and stop if it is false, so that a run
@@ -99,6 +103,16 @@ type Engine struct {
 
 // ErrOvertaken is returned when the Guard says the run may no longer write.
 var ErrOvertaken = errors.New("this run was overtaken (RESET, or the cluster failed it): it stops")
+
+// ErrRefusedAppeared is returned by Final when the source holds a kind of
+// object the preconditions refuse that was not there when they were checked.
+var ErrRefusedAppeared = errors.New("objects that swo cannot move appeared in the old database during the run; RESET (which names them) and EXECUTE again once they are gone")
+
+// FingerprintSQL is the capture fingerprint of the engine's source tables
+// and sequences (capture.Capture.FingerprintSQL).
+func (e *Engine) FingerprintSQL() string {
+	return e.capture().FingerprintSQL(e.Source.Tables, e.Source.Sequences)
+}
 
 // ErrSchemaChanged is returned by Final when the source's tables or capture
 // triggers changed during the run.
@@ -150,7 +164,13 @@ func Connect(ctx context.Context, cfg *pgx.ConnConfig) (*pgx.Conn, error) {
 	for k, v := range sessionParams {
 		c.RuntimeParams[k] = v
 	}
-	conn, err := pgx.ConnectConfig(ctx, c)
+	return connectPlain(ctx, c)
+}
+
+// connectPlain opens a session with the role's and database's own settings
+// (for work whose result may depend on them, as a materialized view's).
+func connectPlain(ctx context.Context, cfg *pgx.ConnConfig) (*pgx.Conn, error) {
+	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s@%s:%d/%s: %w", cfg.User, cfg.Host, cfg.Port, cfg.Database, err)
 	}

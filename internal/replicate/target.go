@@ -191,13 +191,14 @@ func refresh(m *schema.MatView, populated bool) string {
 // RefreshMatViews computes the target's materialized views from the copied
 // rows, each after those it reads, and leaves unpopulated those that are
 // unpopulated in the source. The target serves no one yet, so the refresh
-// blocks nothing.
+// blocks nothing. It runs with the database's own settings, not the sync's
+// (a view's query may depend on TimeZone or DateStyle as the service's do).
 func (e *Engine) RefreshMatViews(ctx context.Context) error {
 	order := e.Source.RefreshOrder()
 	if len(order) == 0 {
 		return nil
 	}
-	conn, err := Connect(ctx, e.Dst)
+	conn, err := connectPlain(ctx, e.Dst)
 	if err != nil {
 		return err
 	}
@@ -390,9 +391,16 @@ func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source
 		if err != nil {
 			return err
 		}
+		apply := conn
+		if kinds[0] == undoMatView && len(recs) > 0 { // with the database's own settings, as RefreshMatViews
+			if apply, err = connectPlain(ctx, dst); err != nil {
+				return err
+			}
+			defer apply.Close(context.Background())
+		}
 		var errs []error
 		for _, r := range recs {
-			if err := e.applyUndo(ctx, conn, r); err != nil {
+			if err := e.applyUndo(ctx, apply, r); err != nil {
 				errs = append(errs, fmt.Errorf("restore %s %s on %s: %w", r.kind, r.name, r.tbl, err))
 			}
 		}

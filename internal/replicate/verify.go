@@ -3,6 +3,7 @@ package replicate
 import (
 	"context"
 	"fmt"
+	"math/big"
 	"sort"
 	"strings"
 
@@ -25,7 +26,7 @@ type TableCheck struct {
 // SequenceCheck is the comparison of one sequence's state.
 type SequenceCheck struct {
 	Sequence string `json:"sequence"`
-	Old      string `json:"old"` // "last_value 42, is_called true"
+	Old      string `json:"old"` // "next value 43"
 	New      string `json:"new"`
 	Equal    bool   `json:"equal"`
 }
@@ -174,9 +175,16 @@ func verifySequences(ctx context.Context, src, dst *pgx.ConnConfig, seqs []*sche
 		if err != nil {
 			return nil, err
 		}
+		// Compared by the value nextval hands out next: the switch leaves
+		// an is_called false sequence of the old database as the value
+		// before it, is_called true (see freezeSQL), which means the same.
 		out := map[string]string{}
 		for i := range v.names {
-			out[v.schemas[i]+"."+v.names[i]] = fmt.Sprintf("last_value %d, is_called %v", v.values[i], v.called[i])
+			next := fmt.Sprint(v.values[i])
+			if v.called[i] {
+				next = new(big.Int).Add(big.NewInt(v.values[i]), big.NewInt(seqs[v.index[i]].Increment)).String()
+			}
+			out[schema.Name(v.schemas[i], v.names[i])] = "next value " + next
 		}
 		return out, nil
 	}
@@ -191,7 +199,7 @@ func verifySequences(ctx context.Context, src, dst *pgx.ConnConfig, seqs []*sche
 	out := make([]SequenceCheck, len(seqs))
 	for i, s := range seqs {
 		out[i] = SequenceCheck{Sequence: s.String(), Old: old[s.String()], New: cur[s.String()]}
-		out[i].Equal = out[i].Old == out[i].New
+		out[i].Equal = out[i].Old == out[i].New && out[i].Old != ""
 	}
 	return out, nil
 }

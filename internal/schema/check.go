@@ -59,7 +59,7 @@ func Check(src, dst *Database, exclude []string) Problems {
 				src.Role.Name, src.Role.Name)
 		}
 		for _, fk := range s.ForeignKeys() {
-			if rs, rn, _ := strings.Cut(fk.RefTable, "."); Excluded(exclude, rs, rn) {
+			if Excluded(exclude, fk.Ref.Schema, fk.Ref.Name) {
 				add(name, "foreign key %s references excluded table %s: exclude both or neither", fk.Name, fk.RefTable)
 			}
 		}
@@ -82,15 +82,21 @@ func Check(src, dst *Database, exclude []string) Problems {
 		if !slices.Equal(s.PrimaryKey, d.PrimaryKey) {
 			add(name, "primary key (%s) in the old database, (%s) in the new one", strings.Join(s.PrimaryKey, ", "), strings.Join(d.PrimaryKey, ", "))
 		}
-		if !slices.Equal(s.Parents, d.Parents) || s.Bound != d.Bound {
-			add(name, "%s in the old database, %s in the new one: the tables must be related the same way", relation(s), relation(d))
+		checkRelation(s, d, add)
+	}
+	// Partitioned tables hold no rows, but their place in the partition
+	// tree and their policies decide what queries through them see.
+	dstParted := map[string]*Table{}
+	for _, t := range dst.Partitioned {
+		dstParted[t.String()] = t
+	}
+	for _, s := range src.Partitioned {
+		d := dstParted[s.String()]
+		if d == nil {
+			add(s.String(), "partitioned table missing in the new database")
+			continue
 		}
-		if s.RowSecurity != d.RowSecurity || s.ForceRowSecurity != d.ForceRowSecurity {
-			add(name, "row level security %s in the old database, %s in the new one", rlsState(s), rlsState(d))
-		}
-		if !slices.Equal(s.Policies, d.Policies) {
-			add(name, "policies differ: [%s] in the old database, [%s] in the new one", strings.Join(s.Policies, "; "), strings.Join(d.Policies, "; "))
-		}
+		checkRelation(s, d, add)
 	}
 	dstSeq := map[string]*Sequence{}
 	for _, s := range dst.AllSequences {
@@ -110,6 +116,9 @@ func Check(src, dst *Database, exclude []string) Problems {
 		}
 		if s.Params != d.Params {
 			add(s.String(), "defined %s in the old database, %s in the new one: it would hand out other values", s.Params, d.Params)
+		}
+		if !s.IsOwner {
+			add(s.String(), "the old database's role does not own this sequence, which the switch freezes there (ALTER SEQUENCE) so that nothing draws from it after its value is copied: ALTER SEQUENCE %s OWNER TO <role>", s.QName())
 		}
 	}
 	dstMV := map[string]*MatView{}
@@ -138,10 +147,14 @@ func checkColumns(s, d *Table, add func(obj, format string, args ...any)) {
 			add(col, "column missing in the new database")
 		case sc.Type != dc.Type:
 			add(col, "type %s in the old database, %s in the new one", sc.Type, dc.Type)
+		case sc.TypeDef != dc.TypeDef:
+			add(col, "type %s is %s in the old database, %s in the new one", sc.Type, orPlain(sc.TypeDef), orPlain(dc.TypeDef))
 		case sc.Collation != dc.Collation:
 			add(col, "collation %s in the old database, %s in the new one", collation(sc), collation(dc))
 		case sc.Generated != dc.Generated:
 			add(col, "generated in one database and not in the other")
+		case sc.GenExpr != dc.GenExpr:
+			add(col, "generated as %s in the old database, as %s in the new one", sc.GenExpr, dc.GenExpr)
 		}
 	}
 	for _, dc := range d.Columns {
@@ -161,9 +174,31 @@ func (d *Database) subjectToRLS(t *Table) bool {
 	return !t.IsOwner || t.ForceRowSecurity
 }
 
+// checkRelation compares a table's place among its relatives and its row
+// level security between the databases.
+func checkRelation(s, d *Table, add func(obj, format string, args ...any)) {
+	name := s.String()
+	if !slices.Equal(s.Parents, d.Parents) || s.Bound != d.Bound {
+		add(name, "%s in the old database, %s in the new one: the tables must be related the same way", relation(s), relation(d))
+	}
+	if s.RowSecurity != d.RowSecurity || s.ForceRowSecurity != d.ForceRowSecurity {
+		add(name, "row level security %s in the old database, %s in the new one", rlsState(s), rlsState(d))
+	}
+	if !slices.Equal(s.Policies, d.Policies) {
+		add(name, "policies differ: [%s] in the old database, [%s] in the new one", strings.Join(s.Policies, "; "), strings.Join(d.Policies, "; "))
+	}
+}
+
+func orPlain(s string) string {
+	if s == "" {
+		return "(plain)"
+	}
+	return s
+}
+
 func relation(t *Table) string {
 	switch {
-	case t.Partition:
+	case t.Bound != "":
 		return fmt.Sprintf("partition of %s (%s)", strings.Join(t.Parents, ", "), t.Bound)
 	case len(t.Parents) > 0:
 		return "inherits from " + strings.Join(t.Parents, ", ")
@@ -197,8 +232,7 @@ func CheckReferences(full *Database, exclude []string) Problems {
 	for _, t := range full.Tables {
 		tEx := Excluded(exclude, t.Schema, t.Name)
 		for _, fk := range t.ForeignKeys() {
-			rs, rn, _ := strings.Cut(fk.RefTable, ".")
-			if rEx := Excluded(exclude, rs, rn); tEx && !rEx {
+			if rEx := Excluded(exclude, fk.Ref.Schema, fk.Ref.Name); tEx && !rEx {
 				ps = append(ps, Problem{Object: t.String(), Issue: fmt.Sprintf(
 					"excluded, but its foreign key %s references synced table %s: exclude both or neither", fk.Name, fk.RefTable)})
 			}

@@ -3,6 +3,7 @@ package schema
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -66,11 +67,13 @@ var Kinds = []Kind{
 	{"pg_class:extension", "extension's own table, index or sequence", SchemaOnly, "created by CREATE EXTENSION in the new database (pg_dump does not dump them either)"},
 	{"pg_class:extension-config", "extension configuration table holding your rows", Refused, "swo does not move extension tables: copy those rows yourself and list the table in Config.ExcludeTables"},
 	{"pg_class:library", "swo's own table", Library, "the library's state in each database"},
+	{"pg_class:system-schema", "table in a system schema", Refused, "a superuser's table in pg_catalog or information_schema: move it to a schema of its own"},
 	{"pg_inherits", "inheritance and partition relationship", SchemaOnly, "compared: both databases must relate the tables the same way (the sync never touches a child through its parent)"},
 	{"pg_policy", "row level security policy", SchemaOnly, "compared: both databases must have the same; the sync reads and writes with row_security off and refuses a role that policies would filter"},
 	{"pg_largeobject_metadata", "large object", Refused, "no trigger sees changes to large objects, so they cannot be kept in sync: move their contents into bytea columns, or delete them"},
 	{"pg_subscription", "subscription", Refused, "it would keep writing into the old database after the switch: disable and drop it, and create it in the new database after the switch"},
 	{"prepared transactions", "prepared transaction", Refused, "holds uncommitted writes and locks that the switch would wait for: COMMIT PREPARED or ROLLBACK PREPARED it"},
+	{"replication slots", "logical replication slot", Refused, "its consumer reads the old database's changes and would receive nothing after the switch: move the consumer to a slot in the new database, and drop this one"},
 	{"pg_rewrite:view", "view definition", SchemaOnly, "the query of a view or materialized view"},
 	{"pg_rewrite:rule", "rule", SchemaOnly, "rules fire on the old database's writes, whose effects are moved; a rule on DELETE of a moved table in the new database is refused (it would rewrite the sync's deletes)"},
 	{"pg_trigger", "trigger", SchemaOnly, "the new database's user triggers are disabled while it is loaded and enabled again in the final sync"},
@@ -165,6 +168,8 @@ type Found struct {
 	Count int      // -1: a catalog that could not be counted (unknown to swo)
 	Names []string // the objects, by name: all of them for refused kinds, a few otherwise
 	Kind  *Kind    // nil: not classified
+	// Tables are the refused extension configuration tables, by their parts.
+	Tables []TableRef
 }
 
 // inventory walks the catalogs (see above).
@@ -191,6 +196,7 @@ WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind = 'r' ORDER BY 1
 	parts := []string{
 		`SELECT 'pg_class:' || CASE
 			WHEN n.nspname = $1 THEN 'library'
+			WHEN n.nspname IN ('pg_catalog', 'information_schema') AND c.relkind IN ('r', 'p', 'S', 'm') THEN 'system-schema'
 			WHEN c.relpersistence = 't' THEN 'temporary'
 			WHEN EXISTS (SELECT 1 FROM pg_extension e WHERE c.oid = ANY(e.extconfig)) THEN CASE WHEN c.relkind = 'S' THEN 'S:extension-config' ELSE 'extension-config' END
 			WHEN EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') THEN 'extension'
@@ -199,7 +205,9 @@ WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind = 'r' ORDER BY 1
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid >= 16384`,
 		`SELECT 'pg_rewrite:' || CASE WHEN r.rulename = '_RETURN' THEN 'view' ELSE 'rule' END, r.ev_class::regclass::text || ' ' || r.rulename
 		FROM pg_rewrite r WHERE r.oid >= 16384`,
-		`SELECT 'pg_largeobject_metadata', oid::text FROM pg_largeobject_metadata WHERE oid >= 16384`,
+		// Large objects get whatever oid their creator asks for: all of them are the user's.
+		`SELECT 'pg_largeobject_metadata', oid::text FROM pg_largeobject_metadata`,
+		`SELECT 'replication slots', slot_name || ' (plugin ' || coalesce(plugin, '') || ')' FROM pg_replication_slots WHERE database = current_database() AND slot_type = 'logical'`,
 		`SELECT 'pg_subscription', subname::text FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())`,
 		`SELECT 'pg_db_role_setting', coalesce(pg_get_userbyid(NULLIF(setrole, 0))::text, 'every role') || ': ' || array_to_string(setconfig, ', ')
 		FROM pg_db_role_setting WHERE setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())`,
@@ -290,41 +298,31 @@ func collectFound(rows pgx.Rows) ([]Found, error) {
 // extensionConfigRows keeps, under pg_class:extension-config, only the
 // configuration tables that hold rows of the user's (those that match the
 // extension's own dump condition, as pg_dump dumps them); the others are
-// the extension's own.
+// the extension's own. A table whose probe fails (the role may not read it,
+// or a policy would hide rows: the session runs with row_security off) is
+// taken to hold rows: refused rather than missed.
 func extensionConfigRows(ctx context.Context, tx pgx.Tx, found []Found) ([]Found, error) {
-	rows, err := tx.Query(ctx, `SELECT n.nspname || '.' || c.relname, format('%I.%I', n.nspname, c.relname), coalesce(e.extcondition[x.i], ''), e.extname::text,
-	has_table_privilege(c.oid, 'SELECT')
-FROM pg_extension e CROSS JOIN LATERAL generate_subscripts(e.extconfig, 1) x(i)
-JOIN pg_class c ON c.oid = e.extconfig[x.i] JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p')`)
+	cfgs, err := extensionConfigTables(ctx, tx)
 	if err != nil {
 		return nil, err
 	}
-	type cfg struct{ name, qname, cond, ext string }
-	var cfgs []cfg
-	readable := map[string]bool{}
-	for rows.Next() {
-		var c cfg
-		var ok bool
-		if err := rows.Scan(&c.name, &c.qname, &c.cond, &c.ext, &ok); err != nil {
-			return nil, err
-		}
-		cfgs = append(cfgs, c)
-		readable[c.name] = ok
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	var withRows []string
+	var withRows []TableRef
 	for _, c := range cfgs {
-		has := true // a table the role may not read is assumed to hold rows: refused rather than missed
-		if readable[c.name] {
-			if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM ONLY "+c.qname+" "+c.cond+")").Scan(&has); err != nil {
-				return nil, fmt.Errorf("extension %s: configuration table %s: %w", c.ext, c.name, err)
+		has := true
+		if c.readable {
+			sp, err := tx.Begin(ctx) // a savepoint: a failed probe must not end the transaction
+			if err != nil {
+				return nil, err
+			}
+			if err := sp.QueryRow(ctx, c.probe()).Scan(&has); err != nil {
+				has = true
+			}
+			if err := sp.Rollback(ctx); err != nil {
+				return nil, err
 			}
 		}
 		if has {
-			withRows = append(withRows, c.name)
+			withRows = append(withRows, c.ref)
 		}
 	}
 	out := found[:0]
@@ -334,13 +332,17 @@ WHERE c.relkind IN ('r', 'p')`)
 			out = append(out, f)
 			continue
 		}
-		for _, n := range f.Names {
-			if !contains(withRows, n) {
-				own = append(own, n)
+		for _, c := range cfgs {
+			if !slices.Contains(withRows, c.ref) {
+				own = append(own, c.ref.String())
 			}
 		}
 		if len(withRows) > 0 {
-			out = append(out, Found{Key: f.Key, Count: len(withRows), Names: withRows})
+			names := make([]string, len(withRows))
+			for i, r := range withRows {
+				names[i] = r.String()
+			}
+			out = append(out, Found{Key: f.Key, Count: len(withRows), Names: names, Tables: withRows})
 		}
 	}
 	if len(own) > 0 {
@@ -359,13 +361,54 @@ WHERE c.relkind IN ('r', 'p')`)
 	return out, nil
 }
 
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
+// extensionConfig is an extension's configuration table and the condition
+// that selects the rows pg_dump dumps (the user's).
+type extensionConfig struct {
+	ref       TableRef
+	cond, ext string
+	readable  bool
+}
+
+func (c extensionConfig) probe() string {
+	return "SELECT EXISTS (SELECT 1 FROM ONLY " + pgx.Identifier{c.ref.Schema, c.ref.Name}.Sanitize() + " " + c.cond + ")"
+}
+
+func extensionConfigTables(ctx context.Context, q interface {
+	Query(context.Context, string, ...any) (pgx.Rows, error)
+}) ([]extensionConfig, error) {
+	rows, err := q.Query(ctx, `SELECT n.nspname, c.relname, coalesce(e.extcondition[x.i], ''), e.extname::text, has_table_privilege(c.oid, 'SELECT')
+FROM pg_extension e CROSS JOIN LATERAL generate_subscripts(e.extconfig, 1) x(i)
+JOIN pg_class c ON c.oid = e.extconfig[x.i] JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') ORDER BY 1, 2`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (extensionConfig, error) {
+		var c extensionConfig
+		return c, r.Scan(&c.ref.Schema, &c.ref.Name, &c.cond, &c.ext, &c.readable)
+	})
+}
+
+// RefusedNowSQL selects the names of the refused kinds of objects that the
+// database holds now, among those that can appear without DDL on a moved
+// table (which the final sync's fingerprint catches): large objects,
+// subscriptions, prepared transactions, logical replication slots, and rows
+// of the user's in the extensions' configuration tables that were empty when
+// the preconditions were checked. The final sync runs it inside the pause:
+// a refused object created during the run would otherwise be left behind.
+func (d *Database) RefusedNowSQL(exclude []string) string {
+	parts := []string{
+		`CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_largeobject_metadata) THEN 'large objects' END`,
+		`CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_subscription WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())) THEN 'subscriptions' END`,
+		`CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts WHERE database = pg_catalog.current_database()) THEN 'prepared transactions' END`,
+		`CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE database = pg_catalog.current_database() AND slot_type = 'logical') THEN 'logical replication slots' END`,
+	}
+	for _, ref := range d.extensionConfigs {
+		if !Excluded(exclude, ref.ref.Schema, ref.ref.Name) {
+			parts = append(parts, fmt.Sprintf("CASE WHEN (%s) THEN %s END", ref.probe(), quoteLiteral("rows in "+ref.ref.String())))
 		}
 	}
-	return false
+	return "SELECT pg_catalog.array_remove(ARRAY[" + strings.Join(parts, ",\n\t") + "]::text[], NULL)"
 }
 
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
@@ -388,9 +431,9 @@ func (d *Database) inventoryProblems(exclude []string) Problems {
 		case f.Key == "pg_largeobject_metadata":
 			ps = append(ps, Problem{Object: "large objects", Issue: fmt.Sprintf("%d in the old database (oids %s): %s", f.Count, abbreviateList(f.Names, 10), f.Kind.Reason)})
 		case f.Key == "pg_class:extension-config":
-			for _, n := range f.Names {
-				if s, t, _ := strings.Cut(n, "."); !Excluded(exclude, s, t) {
-					ps = append(ps, Problem{Object: n, Issue: "an extension's configuration table holding rows of yours: " + f.Kind.Reason})
+			for _, t := range f.Tables {
+				if !Excluded(exclude, t.Schema, t.Name) {
+					ps = append(ps, Problem{Object: t.String(), Issue: "an extension's configuration table holding rows of yours: " + f.Kind.Reason})
 				}
 			}
 		default:

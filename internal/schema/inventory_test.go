@@ -61,7 +61,9 @@ CREATE PUBLICATION pub FOR TABLE app.t;
 CREATE PUBLICATION pub2 FOR TABLES IN SCHEMA app;
 CREATE SUBSCRIPTION sub CONNECTION 'host=/nonexistent dbname=x' PUBLICATION pub WITH (connect = false);
 SELECT lo_from_bytea(0, 'x');
+SELECT lo_from_bytea(4242, 'a low oid, as its creator asked');
 COMMENT ON TABLE app.t IS 'c';
+CREATE TABLE information_schema.sneaky (id int PRIMARY KEY);
 -- An extension's configuration table holding a row of the user's, and a
 -- configuration sequence (as pg_extension_config_dump would record them from
 -- an extension's script), and a table of the extension's own.
@@ -87,7 +89,7 @@ func TestInventoryClassifiesEveryKind(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	srv := pgtest.Shared(t)
-	if !allowsPreparedTransactions(t, srv) {
+	if !allowsPreparedAndSlots(t, srv) {
 		srv = pgtest.NewServer(t) // the harness's own servers allow them
 	}
 	d := srv.NewDatabase(t)
@@ -98,6 +100,10 @@ func TestInventoryClassifiesEveryKind(t *testing.T) {
 	if _, err := tmp.Exec(ctx, "CREATE TEMP TABLE scratch (a int)"); err != nil {
 		t.Fatal(err)
 	}
+	// A logical slot waits for open transactions when it is created: first.
+	slot := pgtest.RandomName("cdc_")
+	pgtest.Exec(t, d.AdminURL(), "SELECT pg_create_logical_replication_slot('"+slot+"', 'pgoutput')")
+	t.Cleanup(func() { pgtest.Exec(t, d.AdminURL(), "SELECT pg_drop_replication_slot('"+slot+"')") })
 	pgtest.Exec(t, d.AdminURL(), "BEGIN; INSERT INTO app.t VALUES (99); PREPARE TRANSACTION 'pending_job'")
 	t.Cleanup(func() { pgtest.Exec(t, d.AdminURL(), "ROLLBACK PREPARED 'pending_job'") })
 
@@ -135,34 +141,36 @@ func TestInventoryClassifiesEveryKind(t *testing.T) {
 	problems := db.inventoryProblems(nil)
 	text := problems.Error()
 	for _, want := range []string{
-		"large objects: 1 in the old database",
+		"large objects: 2 in the old database",
 		"subscription sub: it would keep writing into the old database",
 		"prepared transaction pending_job (owner",
 		"app.cfg: an extension's configuration table holding rows of yours",
+		"information_schema.sneaky: a superuser's table in pg_catalog or information_schema",
+		"logical replication slot",
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("problems do not say %q:\n%s", want, text)
 		}
 	}
-	if len(problems) != 4 {
-		t.Errorf("%d problems, want 4:\n%s", len(problems), text)
+	if len(problems) != 6 {
+		t.Errorf("%d problems, want 6:\n%s", len(problems), text)
 	}
 	if text := db.inventoryProblems([]string{"app.cfg"}).Error(); strings.Contains(text, "app.cfg") {
 		t.Errorf("an excluded configuration table is still refused:\n%s", text)
 	}
 }
 
-func allowsPreparedTransactions(t *testing.T, srv *pgtest.Server) bool {
+func allowsPreparedAndSlots(t *testing.T, srv *pgtest.Server) bool {
 	conn, err := srv.Admin(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close(context.Background())
-	var n int
-	if err := conn.QueryRow(context.Background(), "SELECT current_setting('max_prepared_transactions')::int").Scan(&n); err != nil {
+	var ok bool
+	if err := conn.QueryRow(context.Background(), "SELECT current_setting('max_prepared_transactions')::int > 0 AND current_setting('wal_level') = 'logical'").Scan(&ok); err != nil {
 		t.Fatal(err)
 	}
-	return n > 0
+	return ok
 }
 
 // TestUnknownKindsAreRefused: a kind the classification does not know (a
@@ -221,15 +229,41 @@ func TestSequenceMovedWith(t *testing.T) {
 		moved   bool
 	}{
 		{Sequence{Name: "free"}, []string{"*"}, true},
-		{Sequence{OwnedBy: "public.parted.id"}, nil, true},
-		{Sequence{OwnedBy: "public.scratch.id"}, []string{"public.scratch"}, false},
-		{Sequence{OwnedBy: "public.scratch.id", UsedBy: []string{"public.borrower"}}, []string{"public.scratch"}, true},
-		{Sequence{OwnedBy: "public.scratch.id", UsedBy: []string{"public.scratch"}}, []string{"scratch"}, false},
-		{Sequence{UsedBy: []string{"etl.load"}}, []string{"etl.*"}, false},
+		{Sequence{Owner: TableRef{"public", "parted"}}, nil, true},
+		{Sequence{Owner: TableRef{"public", "scratch"}}, []string{"public.scratch"}, false},
+		{Sequence{Owner: TableRef{"public", "scratch"}, UsedBy: []TableRef{{"public", "borrower"}}}, []string{"public.scratch"}, true},
+		{Sequence{Owner: TableRef{"public", "scratch"}, UsedBy: []TableRef{{"public", "scratch"}}}, []string{"scratch"}, false},
+		{Sequence{UsedBy: []TableRef{{"etl", "load"}}}, []string{"etl.*"}, false},
+		{Sequence{Owner: TableRef{"public", "t.x"}}, []string{"public.t"}, true},
+		{Sequence{Owner: TableRef{"a.b", "c"}}, []string{`"a.b".c`}, false},
+		{Sequence{Owner: TableRef{"a", "b.c"}}, []string{`"a.b".c`}, true},
+		{Sequence{Owner: TableRef{"a", "b.c"}}, []string{`a."b.c"`}, false},
 	} {
 		if got := tc.seq.movedWith(tc.exclude); got != tc.moved {
 			t.Errorf("%+v excluding %v: moved %v, want %v", tc.seq, tc.exclude, got, tc.moved)
 		}
+	}
+}
+
+// TestNamesAreUnambiguous: names that need quoting are quoted, so that
+// different relations never render alike; patterns parse them back.
+func TestNamesAreUnambiguous(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ schema, name, want string }{
+		{"public", "orders", "public.orders"},
+		{"a.b", "c", `"a.b".c`},
+		{"a", "b.c", `a."b.c"`},
+		{"App", "Say \"hi\"", `"App"."Say ""hi"""`},
+	} {
+		if got := Name(tc.schema, tc.name); got != tc.want {
+			t.Errorf("Name(%q, %q) = %s, want %s", tc.schema, tc.name, got, tc.want)
+		}
+		if s, n := SplitPattern(tc.want); s != tc.schema || n != tc.name {
+			t.Errorf("SplitPattern(%s) = %q, %q; want %q, %q", tc.want, s, n, tc.schema, tc.name)
+		}
+	}
+	if s, n := SplitPattern("orders"); s != "*" || n != "orders" {
+		t.Errorf("a bare name: %q, %q", s, n)
 	}
 }
 

@@ -20,17 +20,44 @@ package schema
 import (
 	"context"
 	"fmt"
+	"regexp"
 	"sort"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
 )
 
+var plainIdent = regexp.MustCompile(`^[a-z_][a-z0-9_$]*$`)
+
+// Name renders schema.name for messages and as the key that identifies a
+// relation across the two databases: a part that is not a plain lower-case
+// identifier is double-quoted, so that different relations never render
+// alike (schema "a.b" table "c" is "a.b".c, schema "a" table "b.c" is
+// a."b.c").
+func Name(schema, name string) string { return ident(schema) + "." + ident(name) }
+
+func ident(s string) string {
+	if plainIdent.MatchString(s) {
+		return s
+	}
+	return pgx.Identifier{s}.Sanitize()
+}
+
+// TableRef names a table by its two parts.
+type TableRef struct{ Schema, Name string }
+
+func (r TableRef) String() string { return Name(r.Schema, r.Name) }
+
 // Column is one column of a table.
 type Column struct {
-	Name       string
-	Type       string // format_type, schema-qualified except for pg_catalog types
-	TypeOID    uint32
+	Name    string
+	Type    string // format_type, schema-qualified except for pg_catalog types
+	TypeOID uint32
+	// TypeDef renders what the type is made of when its name does not say
+	// it all (a domain's base type and typmod, a composite's attributes, a
+	// range's subtype, an array's element), for comparison.
+	TypeDef    string
+	GenExpr    string // a generated column's expression
 	Collation  string // the column's collation if it is not its type's default, qualified
 	NotNull    bool
 	Generated  bool // stored generated column: computed by the database, never written
@@ -55,7 +82,8 @@ type Constraint struct {
 	Deferred   bool
 	Inherited  bool // a partition's copy of its parent's constraint: it cannot be dropped alone
 	Columns    []string
-	RefTable   string // foreign keys: referenced table, qualified
+	RefTable   string   // foreign keys: referenced table (see Name)
+	Ref        TableRef // foreign keys: referenced table
 	RefColumns []string
 }
 
@@ -107,8 +135,8 @@ type Table struct {
 // QName is the table's quoted, qualified name for SQL.
 func (t *Table) QName() string { return pgx.Identifier{t.Schema, t.Name}.Sanitize() }
 
-// String is the table's qualified name for messages.
-func (t *Table) String() string { return t.Schema + "." + t.Name }
+// String is the table's qualified name for messages and lookups (see Name).
+func (t *Table) String() string { return Name(t.Schema, t.Name) }
 
 // Column returns the named column.
 func (t *Table) Column(name string) (Column, bool) {
@@ -157,47 +185,44 @@ func (t *Table) ForeignKeys() []Constraint {
 
 // Sequence is a sequence.
 type Sequence struct {
+	OID          uint32
 	Schema, Name string
-	// OwnedBy is "schema.table.column" for serial and identity sequences
-	// (the table may be a partitioned parent).
-	OwnedBy string
-	// UsedBy lists the tables ("schema.table") whose column defaults call it.
-	UsedBy []string
+	// Owner is the table whose column owns it (serial and identity
+	// sequences; the table may be a partitioned parent); empty if none.
+	Owner TableRef
+	// UsedBy lists the tables whose column defaults call it.
+	UsedBy []TableRef
 	// Params renders the definition that decides the values it hands out
 	// (type, start, increment, bounds, cycle), for comparison.
-	Params    string
-	CanUpdate bool // UPDATE privilege (setval)
-	CanSelect bool
+	Params string
+	// Increment, and the bounds of its type, decide how the switch freezes
+	// it in the old database.
+	Increment, TypeMin, TypeMax int64
+	CanUpdate                   bool // UPDATE privilege (setval)
+	CanSelect                   bool
+	IsOwner                     bool // the switch freezes it (ALTER SEQUENCE)
 }
 
 // QName is the sequence's quoted, qualified name.
 func (s *Sequence) QName() string { return pgx.Identifier{s.Schema, s.Name}.Sanitize() }
 
-// String is the sequence's qualified name for messages.
-func (s *Sequence) String() string { return s.Schema + "." + s.Name }
-
-// ownerTable is the table that owns the sequence ("schema.table"), if any.
-func (s *Sequence) ownerTable() (schema, table string, ok bool) {
-	parts := strings.SplitN(s.OwnedBy, ".", 3)
-	if len(parts) != 3 {
-		return "", "", false
-	}
-	return parts[0], parts[1], true
-}
+// String is the sequence's qualified name for messages and lookups (see Name).
+func (s *Sequence) String() string { return Name(s.Schema, s.Name) }
 
 // MatView is a materialized view.
 type MatView struct {
+	OID          uint32
 	Schema, Name string
 	Populated    bool
 	IsOwner      bool     // the current role may refresh it
-	DependsOn    []string // materialized views it reads ("schema.name")
+	DependsOn    []string // materialized views it reads, directly or through views (see Name)
 }
 
 // QName is the materialized view's quoted, qualified name.
 func (m *MatView) QName() string { return pgx.Identifier{m.Schema, m.Name}.Sanitize() }
 
-// String is the materialized view's qualified name for messages.
-func (m *MatView) String() string { return m.Schema + "." + m.Name }
+// String is the materialized view's qualified name for messages and lookups (see Name).
+func (m *MatView) String() string { return Name(m.Schema, m.Name) }
 
 // Role is what matters of the current role.
 type Role struct {
@@ -211,6 +236,8 @@ type Database struct {
 	Version int // server_version_num
 	Role    Role
 	Tables  []*Table
+	// Partitioned are the partitioned tables (their rows are in Tables).
+	Partitioned []*Table
 	// Sequences are the sequences a sync moves: after Select, those that no
 	// excluded table alone owns or uses. AllSequences are every sequence.
 	Sequences, AllSequences []*Sequence
@@ -220,7 +247,10 @@ type Database struct {
 	PartitionedFKs []string
 	// Inventory lists every kind of user object the database holds.
 	Inventory []Found
-	byName    map[string]*Table
+	// extensionConfigs are the extensions' configuration tables (for
+	// RefusedNowSQL).
+	extensionConfigs []extensionConfig
+	byName           map[string]*Table
 }
 
 // Table returns the table with the qualified name schema.name.
@@ -273,14 +303,11 @@ const excludedSchemas = `n.nspname NOT IN ('pg_catalog', 'information_schema') A
 // created by an extension.
 const notExtensionMember = `NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')`
 
-// stableTypes are the base types whose text form no session setting changes.
-var stableTypes = []string{"bool", "char", "name", "int8", "int2", "int2vector", "int4", "text", "oid", "tid", "xid", "xid8",
-	"cid", "oidvector", "json", "jsonb", "jsonpath", "xml", "cidr", "inet", "macaddr", "macaddr8", "bpchar", "varchar",
-	"bit", "varbit", "numeric", "uuid", "pg_lsn", "tsvector", "tsquery"}
-
-// queries run in order by read, each filling part of the database.
+// read runs the introspection queries in the caller's transaction.
 func read(ctx context.Context, tx pgx.Tx, opts Options) (*Database, error) {
-	if _, err := tx.Exec(ctx, "SET LOCAL search_path = pg_catalog"); err != nil {
+	// row_security off: a policy must not hide a row from the inventory's
+	// probes (it fails them instead, and they count that as rows).
+	if _, err := tx.Exec(ctx, "SET LOCAL search_path = pg_catalog; SET LOCAL row_security = off"); err != nil {
 		return nil, err
 	}
 	db := &Database{byName: map[string]*Table{}}
@@ -290,15 +317,16 @@ func read(ctx context.Context, tx pgx.Tx, opts Options) (*Database, error) {
 		return nil, err
 	}
 	rows, err := tx.Query(ctx, `
-SELECT c.oid, n.nspname, c.relname, pg_get_userbyid(c.relowner), c.relispartition, c.relpersistence = 'u',
+SELECT c.oid, c.relkind = 'p', n.nspname, c.relname, pg_get_userbyid(c.relowner), c.relispartition, c.relpersistence = 'u',
 	c.reltuples::bigint, pg_table_size(c.oid), c.relpages, c.relrowsecurity, c.relforcerowsecurity,
-	ARRAY(SELECT pn.nspname || '.' || p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+	ARRAY(SELECT pn.nspname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
 		JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid ORDER BY i.inhseqno)::text[],
+	ARRAY(SELECT p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent WHERE i.inhrelid = c.oid ORDER BY i.inhseqno)::text[],
 	coalesce(pg_get_expr(c.relpartbound, c.oid), ''),
 	has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'INSERT'), has_table_privilege(c.oid, 'DELETE'),
 	has_table_privilege(c.oid, 'TRUNCATE'), has_table_privilege(c.oid, 'TRIGGER'), pg_has_role(c.relowner, 'USAGE')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND `+excludedSchemas+` AND `+notExtensionMember+`
+WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' AND `+excludedSchemas+` AND `+notExtensionMember+`
 ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
 	if err != nil {
 		return nil, err
@@ -306,31 +334,45 @@ ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
 	byOID := map[uint32]*Table{}
 	for rows.Next() {
 		t := &Table{}
-		if err := rows.Scan(&t.OID, &t.Schema, &t.Name, &t.Owner, &t.Partition, &t.Unlogged, &t.RowsEstimate, &t.Bytes, &t.Pages,
-			&t.RowSecurity, &t.ForceRowSecurity, &t.Parents, &t.Bound,
+		var parted bool
+		var parentSchemas, parentNames []string
+		if err := rows.Scan(&t.OID, &parted, &t.Schema, &t.Name, &t.Owner, &t.Partition, &t.Unlogged, &t.RowsEstimate, &t.Bytes, &t.Pages,
+			&t.RowSecurity, &t.ForceRowSecurity, &parentSchemas, &parentNames, &t.Bound,
 			&t.CanSelect, &t.CanInsert, &t.CanDelete, &t.CanTruncate, &t.CanTrigger, &t.IsOwner); err != nil {
 			return nil, err
 		}
-		db.Tables = append(db.Tables, t)
-		db.byName[t.String()] = t
+		for i := range parentSchemas {
+			t.Parents = append(t.Parents, Name(parentSchemas[i], parentNames[i]))
+		}
+		if parted {
+			db.Partitioned = append(db.Partitioned, t)
+		} else {
+			db.Tables = append(db.Tables, t)
+			db.byName[t.String()] = t
+		}
 		byOID[t.OID] = t
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err
 	}
 	rows, err = tx.Query(ctx, `
-SELECT n.nspname || '.' || c.relname || ' (' || con.conname || ')'
+SELECT n.nspname, c.relname, con.conname
 FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE con.contype = 'f' AND con.conparentid = 0 AND `+excludedSchemas+`
 	AND (c.relkind = 'p' OR (SELECT relkind FROM pg_class WHERE oid = con.confrelid) = 'p')
-ORDER BY 1`, opts.LibrarySchema)
+ORDER BY 1, 2, 3`, opts.LibrarySchema)
 	if err != nil {
 		return nil, err
 	}
-	if db.PartitionedFKs, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+	db.PartitionedFKs, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (string, error) {
+		var sch, tbl, con string
+		err := r.Scan(&sch, &tbl, &con)
+		return Name(sch, tbl) + " (" + con + ")", err
+	})
+	if err != nil {
 		return nil, err
 	}
-	if len(db.Tables) > 0 {
+	if len(byOID) > 0 {
 		if err := readTableDetails(ctx, tx, byOID); err != nil {
 			return nil, err
 		}
@@ -344,6 +386,9 @@ ORDER BY 1`, opts.LibrarySchema)
 	if db.Inventory, err = inventory(ctx, tx, opts.LibrarySchema); err != nil {
 		return nil, fmt.Errorf("inventory: %w", err)
 	}
+	if db.extensionConfigs, err = extensionConfigTables(ctx, tx); err != nil {
+		return nil, err
+	}
 	db.AllSequences = db.Sequences
 	return db, nil
 }
@@ -355,35 +400,20 @@ func readTableDetails(ctx context.Context, tx pgx.Tx, byOID map[uint32]*Table) e
 	for oid := range byOID {
 		oids = append(oids, oid)
 	}
-
-	// Columns, with whether their type's text form is stable: the type, and
-	// every type it is made of (domain base, array element, range subtype,
-	// composite attribute), must be stable by itself.
+	types, err := readTypes(ctx, tx, oids)
+	if err != nil {
+		return err
+	}
 	rows, err := tx.Query(ctx, `
-WITH RECURSIVE walk(root, t) AS (
-	SELECT DISTINCT a.atttypid, a.atttypid FROM pg_attribute a WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
-	UNION
-	SELECT w.root, x.child FROM walk w JOIN pg_type ty ON ty.oid = w.t
-	CROSS JOIN LATERAL (
-		SELECT ty.typbasetype WHERE ty.typtype = 'd'
-		UNION ALL SELECT ty.typelem WHERE ty.typelem <> 0
-		UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid
-		UNION ALL SELECT r.rngtypid FROM pg_range r WHERE r.rngmultitypid = ty.oid
-		UNION ALL SELECT a.atttypid FROM pg_attribute a WHERE ty.typrelid <> 0 AND a.attrelid = ty.typrelid AND a.attnum > 0 AND NOT a.attisdropped
-	) x(child)
-), stable AS (
-	SELECT w.root, bool_and(ty.typtype IN ('d', 'c', 'r', 'm', 'e') OR (ty.typcategory = 'A' AND ty.typelem <> 0)
-		OR (ty.typnamespace = 'pg_catalog'::regnamespace AND ty.typname = ANY($2))) AS ok
-	FROM walk w JOIN pg_type ty ON ty.oid = w.t GROUP BY w.root
-)
 SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid,
 	CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
 		THEN (SELECT cn.nspname || '.' || co.collname FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace WHERE co.oid = a.attcollation)
 		ELSE '' END,
-	a.attnotnull, a.attgenerated <> '', a.attidentity, a.atthasdef, coalesce(s.ok, false)
-FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid LEFT JOIN stable s ON s.root = a.atttypid
+	a.attnotnull, a.attgenerated <> '', a.attidentity, a.atthasdef,
+	CASE WHEN a.attgenerated <> '' THEN (SELECT pg_get_expr(ad.adbin, ad.adrelid) FROM pg_attrdef ad WHERE ad.adrelid = a.attrelid AND ad.adnum = a.attnum) ELSE '' END
+FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
 WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY a.attrelid, a.attnum`, oids, stableTypes)
+ORDER BY a.attrelid, a.attnum`, oids)
 	if err != nil {
 		return err
 	}
@@ -391,12 +421,14 @@ ORDER BY a.attrelid, a.attnum`, oids, stableTypes)
 		var oid uint32
 		var c Column
 		var ident string
-		if err := rows.Scan(&oid, &c.Name, &c.Type, &c.TypeOID, &c.Collation, &c.NotNull, &c.Generated, &ident, &c.HasDefault, &c.TextStable); err != nil {
+		if err := rows.Scan(&oid, &c.Name, &c.Type, &c.TypeOID, &c.Collation, &c.NotNull, &c.Generated, &ident, &c.HasDefault, &c.GenExpr); err != nil {
 			return err
 		}
 		if ident != "" {
 			c.Identity = ident[0]
 		}
+		c.TextStable = types.stable(c.TypeOID, 0)
+		c.TypeDef = types.def(c.TypeOID, 0)
 		byOID[oid].Columns = append(byOID[oid].Columns, c)
 	}
 	if err := rows.Err(); err != nil {
@@ -410,7 +442,8 @@ SELECT con.conrelid, con.conname, con.contype, pg_get_constraintdef(con.oid),
 	con.conparentid <> 0,
 	ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
 	      JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.i)::text[],
-	CASE WHEN con.contype = 'f' THEN (SELECT rn.nspname || '.' || rc.relname FROM pg_class rc JOIN pg_namespace rn ON rn.oid = rc.relnamespace WHERE rc.oid = con.confrelid) END,
+	coalesce((SELECT rn.nspname FROM pg_class rc JOIN pg_namespace rn ON rn.oid = rc.relnamespace WHERE rc.oid = con.confrelid), ''),
+	coalesce((SELECT rc.relname FROM pg_class rc WHERE rc.oid = con.confrelid), ''),
 	ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
 	      JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.i)::text[]
 FROM pg_constraint con
@@ -423,13 +456,13 @@ ORDER BY con.conrelid, con.contype, con.conname`, oids)
 		var oid uint32
 		var c Constraint
 		var kind string
-		var ref *string
-		if err := rows.Scan(&oid, &c.Name, &kind, &c.Def, &c.IndexDef, &c.Deferrable, &c.Deferred, &c.Inherited, &c.Columns, &ref, &c.RefColumns); err != nil {
+		if err := rows.Scan(&oid, &c.Name, &kind, &c.Def, &c.IndexDef, &c.Deferrable, &c.Deferred, &c.Inherited, &c.Columns,
+			&c.Ref.Schema, &c.Ref.Name, &c.RefColumns); err != nil {
 			return err
 		}
 		c.Kind = kind[0]
-		if ref != nil {
-			c.RefTable = *ref
+		if c.Kind == 'f' {
+			c.RefTable = c.Ref.String()
 		}
 		t := byOID[oid]
 		t.Constraints = append(t.Constraints, c)
@@ -530,16 +563,20 @@ FROM pg_policy p WHERE p.polrelid = ANY($1) ORDER BY p.polrelid, p.polname`, oid
 // extension's configuration sequences, whose state is the user's).
 func readSequences(ctx context.Context, tx pgx.Tx, db *Database, opts Options) error {
 	rows, err := tx.Query(ctx, `
-SELECT n.nspname, c.relname,
-	(SELECT tn.nspname || '.' || tc.relname || '.' || a.attname
-	 FROM pg_depend d JOIN pg_class tc ON tc.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
-	 JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
-	 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') LIMIT 1),
-	ARRAY(SELECT DISTINCT tn.nspname || '.' || tc.relname
-	 FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid JOIN pg_class tc ON tc.oid = ad.adrelid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
-	 WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid ORDER BY 1)::text[],
+SELECT c.oid, n.nspname, c.relname,
+	coalesce((SELECT tn.nspname FROM pg_depend d JOIN pg_class tc ON tc.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
+	 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') LIMIT 1), ''),
+	coalesce((SELECT tc.relname FROM pg_depend d JOIN pg_class tc ON tc.oid = d.refobjid
+	 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') LIMIT 1), ''),
+	ARRAY(SELECT tn.nspname FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid JOIN pg_class tc ON tc.oid = ad.adrelid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
+	 WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid ORDER BY tc.oid)::text[],
+	ARRAY(SELECT tc.relname FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid JOIN pg_class tc ON tc.oid = ad.adrelid
+	 WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid ORDER BY tc.oid)::text[],
 	format('as %s start %s increment %s minvalue %s maxvalue %s cycle %s', format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcycle),
-	has_sequence_privilege(c.oid, 'UPDATE'), has_sequence_privilege(c.oid, 'SELECT')
+	s.seqincrement,
+	CASE s.seqtypid WHEN 'int2'::regtype THEN -32768 WHEN 'int4'::regtype THEN -2147483648 ELSE -9223372036854775808 END,
+	CASE s.seqtypid WHEN 'int2'::regtype THEN 32767 WHEN 'int4'::regtype THEN 2147483647 ELSE 9223372036854775807 END,
+	has_sequence_privilege(c.oid, 'UPDATE'), has_sequence_privilege(c.oid, 'SELECT'), pg_has_role(c.relowner, 'USAGE')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_sequence s ON s.seqrelid = c.oid
 WHERE c.relkind = 'S' AND c.relpersistence <> 't' AND `+excludedSchemas+`
 	AND (`+notExtensionMember+` OR EXISTS (SELECT 1 FROM pg_extension e WHERE c.oid = ANY(e.extconfig)))
@@ -550,26 +587,24 @@ ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
 	defer rows.Close()
 	for rows.Next() {
 		s := &Sequence{}
-		var owned *string
-		if err := rows.Scan(&s.Schema, &s.Name, &owned, &s.UsedBy, &s.Params, &s.CanUpdate, &s.CanSelect); err != nil {
+		var userSchemas, userNames []string
+		if err := rows.Scan(&s.OID, &s.Schema, &s.Name, &s.Owner.Schema, &s.Owner.Name, &userSchemas, &userNames, &s.Params,
+			&s.Increment, &s.TypeMin, &s.TypeMax, &s.CanUpdate, &s.CanSelect, &s.IsOwner); err != nil {
 			return err
 		}
-		if owned != nil {
-			s.OwnedBy = *owned
+		for i := range userSchemas {
+			s.UsedBy = append(s.UsedBy, TableRef{userSchemas[i], userNames[i]})
 		}
 		db.Sequences = append(db.Sequences, s)
 	}
 	return rows.Err()
 }
 
-// readMatViews reads the materialized views and which others each reads.
+// readMatViews reads the materialized views and, for each, the others it
+// reads, directly or through (any depth of) views.
 func readMatViews(ctx context.Context, tx pgx.Tx, db *Database, opts Options) error {
 	rows, err := tx.Query(ctx, `
-SELECT n.nspname, c.relname, c.relispopulated, pg_has_role(c.relowner, 'USAGE'),
-	ARRAY(SELECT DISTINCT dn.nspname || '.' || dc.relname
-		FROM pg_rewrite r JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
-		JOIN pg_class dc ON dc.oid = d.refobjid AND dc.relkind = 'm' AND dc.oid <> c.oid JOIN pg_namespace dn ON dn.oid = dc.relnamespace
-		WHERE r.ev_class = c.oid ORDER BY 1)::text[]
+SELECT c.oid, n.nspname, c.relname, c.relispopulated, pg_has_role(c.relowner, 'USAGE')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'm' AND `+excludedSchemas+` AND `+notExtensionMember+`
 ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
@@ -578,9 +613,62 @@ ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
 	}
 	db.MatViews, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (*MatView, error) {
 		m := &MatView{}
-		return m, r.Scan(&m.Schema, &m.Name, &m.Populated, &m.IsOwner, &m.DependsOn)
+		return m, r.Scan(&m.OID, &m.Schema, &m.Name, &m.Populated, &m.IsOwner)
 	})
-	return err
+	if err != nil || len(db.MatViews) == 0 {
+		return err
+	}
+	// The relations (views and materialized views) each view's or
+	// materialized view's query reads.
+	rows, err = tx.Query(ctx, `
+SELECT r.ev_class, d.refobjid, dc.relkind = 'm'
+FROM pg_rewrite r JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
+JOIN pg_class dc ON dc.oid = d.refobjid AND dc.relkind IN ('v', 'm') AND dc.oid <> r.ev_class
+WHERE r.rulename = '_RETURN'
+GROUP BY 1, 2, 3`)
+	if err != nil {
+		return err
+	}
+	reads := map[uint32][]uint32{}
+	isMat := map[uint32]bool{}
+	for rows.Next() {
+		var from, to uint32
+		var mat bool
+		if err := rows.Scan(&from, &to, &mat); err != nil {
+			return err
+		}
+		reads[from] = append(reads[from], to)
+		isMat[to] = mat
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	byOID := map[uint32]*MatView{}
+	for _, m := range db.MatViews {
+		byOID[m.OID] = m
+	}
+	for _, m := range db.MatViews {
+		seen := map[uint32]bool{m.OID: true}
+		var walk func(oid uint32)
+		walk = func(oid uint32) {
+			for _, to := range reads[oid] {
+				if seen[to] {
+					continue
+				}
+				seen[to] = true
+				if isMat[to] {
+					if dm := byOID[to]; dm != nil {
+						m.DependsOn = append(m.DependsOn, dm.String())
+					}
+					continue // its own dependencies are its own
+				}
+				walk(to) // a view: look through it
+			}
+		}
+		walk(m.OID)
+		sort.Strings(m.DependsOn)
+	}
+	return nil
 }
 
 // Select returns the database restricted to what a switchover excluding
@@ -591,7 +679,12 @@ ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
 // is never included.
 func (d *Database) Select(exclude []string) *Database {
 	out := &Database{Name: d.Name, Version: d.Version, Role: d.Role, byName: map[string]*Table{},
-		AllSequences: d.AllSequences, PartitionedFKs: d.PartitionedFKs, Inventory: d.Inventory}
+		AllSequences: d.AllSequences, PartitionedFKs: d.PartitionedFKs, Inventory: d.Inventory, extensionConfigs: d.extensionConfigs}
+	for _, t := range d.Partitioned {
+		if !Excluded(exclude, t.Schema, t.Name) {
+			out.Partitioned = append(out.Partitioned, t)
+		}
+	}
 	for _, t := range d.Tables {
 		if Excluded(exclude, t.Schema, t.Name) {
 			continue
@@ -617,35 +710,72 @@ func (d *Database) Select(exclude []string) *Database {
 // default is excluded (the sequence is then theirs, and the new database's
 // excluded tables may depend on its own value).
 func (s *Sequence) movedWith(exclude []string) bool {
-	var users []string
-	if sch, tbl, ok := s.ownerTable(); ok {
-		users = append(users, sch+"."+tbl)
+	users := s.UsedBy
+	if s.Owner.Name != "" {
+		users = append([]TableRef{s.Owner}, users...)
 	}
-	users = append(users, s.UsedBy...)
 	if len(users) == 0 {
 		return true
 	}
 	for _, u := range users {
-		sch, tbl, _ := strings.Cut(u, ".")
-		if !Excluded(exclude, sch, tbl) {
+		if !Excluded(exclude, u.Schema, u.Name) {
 			return true
 		}
 	}
 	return false
 }
 
-// Excluded reports whether schema.name matches one of the patterns.
+// Excluded reports whether schema.name matches one of the patterns:
+// "schema.table", where either part may be "*" and a part may be
+// double-quoted (to name an identifier with a dot or a quote in it); a bare
+// name means that table in any schema.
 func Excluded(patterns []string, schema, name string) bool {
 	for _, p := range patterns {
-		ps, pn, ok := strings.Cut(p, ".")
-		if !ok {
-			ps, pn = "*", p
-		}
+		ps, pn := SplitPattern(p)
 		if (ps == "*" || ps == schema) && (pn == "*" || pn == name) {
 			return true
 		}
 	}
 	return false
+}
+
+// SplitPattern splits an ExcludeTables pattern into its schema and table
+// parts ("*" for a bare table name's schema).
+func SplitPattern(p string) (schema, name string) {
+	parts := splitIdents(p)
+	if len(parts) == 1 {
+		return "*", parts[0]
+	}
+	return parts[0], strings.Join(parts[1:], ".")
+}
+
+// splitIdents splits a dotted name into its parts: a part in double quotes
+// is taken literally (with "" for a quote), others up to the next dot.
+func splitIdents(p string) []string {
+	var parts []string
+	var cur strings.Builder
+	for i := 0; i < len(p); i++ {
+		switch {
+		case p[i] == '"':
+			for i++; i < len(p); i++ {
+				if p[i] == '"' {
+					if i+1 < len(p) && p[i+1] == '"' {
+						cur.WriteByte('"')
+						i++
+						continue
+					}
+					break
+				}
+				cur.WriteByte(p[i])
+			}
+		case p[i] == '.' && len(parts) == 0:
+			parts = append(parts, cur.String())
+			cur.Reset()
+		default:
+			cur.WriteByte(p[i])
+		}
+	}
+	return append(parts, cur.String())
 }
 
 // Order returns the tables sorted so that referenced tables come before the
@@ -656,7 +786,7 @@ func (d *Database) Order() []*Table {
 	deps := map[*Table][]*Table{}
 	for _, t := range d.Tables {
 		for _, fk := range t.ForeignKeys() {
-			if ref := d.byName[fk.RefTable]; ref != nil && ref != t {
+			if ref := d.byName[fk.Ref.String()]; ref != nil && ref != t {
 				deps[t] = append(deps[t], ref)
 			}
 		}

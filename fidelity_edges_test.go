@@ -1,0 +1,322 @@
+package swo
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgswo/swo/internal/pgtest"
+)
+
+// Edges found by an adversarial review of the fidelity work: each test
+// reproduces one finding and asserts the outcome that keeps the promise
+// (moved exactly, or refused by name, or the run failed safely).
+
+// expectRefused runs RESET and wants the preconditions to refuse, naming each of want.
+func expectRefused(t *testing.T, c *Connector, want ...string) {
+	t.Helper()
+	err := c.Reset(testCtx(t))
+	if !errors.Is(err, ErrPreconditions) {
+		t.Fatalf("RESET: %v; want a refusal by the preconditions", err)
+	}
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("the refusal does not say %q:\n%v", w, err)
+		}
+	}
+}
+
+// expectRunFailed runs RESET and EXECUTE and wants the run to fail, saying want.
+func expectRunFailed(t *testing.T, c *Connector, want ...string) {
+	t.Helper()
+	err := switchover(t, c)
+	if !errors.Is(err, ErrRunFailed) {
+		t.Fatalf("RESET + EXECUTE: %v; want the run to fail", err)
+	}
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("the failure does not say %q:\n%v", w, err)
+		}
+	}
+}
+
+func TestLargeObjectsWithAnyOIDAreRefused(t *testing.T) {
+	old, next := fidelityPair(t, "CREATE TABLE t (id int PRIMARY KEY, doc oid);",
+		"SELECT lo_from_bytea(4242, 'precious'); INSERT INTO t VALUES (1, 4242);")
+	expectRefused(t, newConnector(t, Config{OldURL: old.URL, NextURL: next.URL}), "large objects: 1 in the old database (oids 4242)")
+}
+
+// TestRefusedObjectsAppearingDuringTheRunFailIt: a large object created
+// while the data moves is seen by the final sync, which refuses to switch.
+func TestRefusedObjectsAppearingDuringTheRunFailIt(t *testing.T) {
+	old, next := fidelityPair(t, "CREATE TABLE t (id int PRIMARY KEY, doc oid);", "INSERT INTO t VALUES (1, NULL);")
+	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+	atPhase(c, "initial copy", func(ctx context.Context) {
+		pgtest.Exec(t, old.URL, "UPDATE t SET doc = lo_from_bytea(0, 'created mid-run') WHERE id = 1")
+	})
+	expectRunFailed(t, c, "appeared in the old database during the run", "large objects")
+	c.testHook = nil
+	pgtest.Exec(t, old.URL, "SELECT lo_unlink(doc) FROM t; UPDATE t SET doc = NULL")
+	if err := switchover(t, c); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+}
+
+// TestChangesNoTriggerSeesFailTheRun: a rewrite that changes every row
+// without a trigger, or a change of the tables' relationships or row level
+// security, during the run: the final sync refuses to switch.
+func TestChangesNoTriggerSeesFailTheRun(t *testing.T) {
+	ddl := `
+CREATE TABLE t (id int PRIMARY KEY, v int);
+CREATE TABLE parent (id int PRIMARY KEY, v text);
+CREATE TABLE child () INHERITS (parent);
+ALTER TABLE child ADD PRIMARY KEY (id);
+CREATE TABLE m (id int, k int, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10);`
+	seed := "INSERT INTO t SELECT i, i FROM generate_series(1, 100) i; INSERT INTO child VALUES (1, 'c'); INSERT INTO m VALUES (1, 1);"
+	for name, ddlDuringRun := range map[string]string{
+		"rewrite":            "ALTER TABLE t ALTER COLUMN v TYPE int USING v * 1000",
+		"no inherit":         "ALTER TABLE child NO INHERIT parent",
+		"detach partition":   "ALTER TABLE m DETACH PARTITION m1",
+		"row level security": "ALTER TABLE t ENABLE ROW LEVEL SECURITY",
+	} {
+		t.Run(name, func(t *testing.T) {
+			old, next := fidelityPair(t, ddl, seed)
+			c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+			atPhase(c, "initial copy", func(ctx context.Context) { pgtest.Exec(t, old.URL, ddlDuringRun) })
+			expectRunFailed(t, c, "changed during the run")
+		})
+	}
+}
+
+// TestSequencesFreezeAtTheSwitch: a writer that bypasses the connector
+// draws from a sequence while the final sync runs. It waits; once the switch
+// commits the old database refuses it (as it refuses every write), so no
+// value it hands out can be handed out again by the new database.
+func TestSequencesFreezeAtTheSwitch(t *testing.T) {
+	old, next := fidelityPair(t, `CREATE TABLE t (id int PRIMARY KEY); CREATE SEQUENCE invoice_no; CREATE SEQUENCE fresh; CREATE SEQUENCE down INCREMENT -1;`,
+		`INSERT INTO t VALUES (1); SELECT nextval('invoice_no'); SELECT nextval('down');`)
+	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+	drawn := make(chan error, 1)
+	atPhase(c, "final", func(ctx context.Context) {
+		conn := pgtest.Connect(t, old.URL)
+		var pid uint32
+		if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+			t.Error(err)
+		}
+		go func() {
+			_, err := conn.Exec(context.Background(), "SELECT nextval('invoice_no')")
+			drawn <- err
+		}()
+		watch := pgtest.Connect(t, old.AdminURL())
+		waitFor(t, func() bool { // it waits for the final sync's freeze
+			var waiting bool
+			_ = watch.QueryRow(ctx, "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid).Scan(&waiting)
+			return waiting
+		})
+	})
+	if err := switchover(t, c); err != nil {
+		t.Fatal(err)
+	}
+	var pgErr *pgconn.PgError
+	if err := <-drawn; !errors.As(err, &pgErr) || !strings.Contains(pgErr.Message, "reached maximum value") {
+		t.Fatalf("nextval waiting through the switch: %v; want a refusal", err)
+	}
+	pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+	ctx := testCtx(t)
+	oc := pgtest.Connect(t, old.URL)
+	for _, seq := range []string{"invoice_no", "fresh", "down"} {
+		if _, err := oc.Exec(ctx, "SELECT nextval('"+seq+"')"); err == nil {
+			t.Errorf("nextval('%s') on the obsolete database succeeded", seq)
+		}
+	}
+	nc := pgtest.Connect(t, next.URL)
+	for q, want := range map[string]int64{"SELECT nextval('invoice_no')": 2, "SELECT nextval('fresh')": 1, "SELECT nextval('down')": -2} {
+		var got int64
+		if err := nc.QueryRow(ctx, q).Scan(&got); err != nil || got != want {
+			t.Errorf("%s on the new database: %d, %v; want %d", q, got, err, want)
+		}
+	}
+}
+
+// TestNamesWithDotsStayApart: schema "a.b" table "c" and schema "a" table
+// "b.c" are different tables; the identity sequence of "t.x" moves although
+// a table t is excluded.
+func TestNamesWithDotsStayApart(t *testing.T) {
+	old, next := fidelityPair(t, `
+CREATE SCHEMA "a.b"; CREATE SCHEMA a;
+CREATE TABLE "a.b".c (id int PRIMARY KEY, v text);
+CREATE TABLE a."b.c" (id int PRIMARY KEY, v text);
+CREATE TABLE "t.x" (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text);
+CREATE TABLE t (id int PRIMARY KEY);
+`, `
+INSERT INTO "a.b".c VALUES (1, 'belongs to "a.b".c');
+INSERT INTO a."b.c" VALUES (2, 'belongs to a."b.c"');
+INSERT INTO "t.x" (v) SELECT 'row ' || i FROM generate_series(1, 10) i;
+`)
+	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL, ExcludeTables: []string{"public.t"}})
+	atPhase(c, "initial copy", func(ctx context.Context) {
+		pgtest.Exec(t, old.URL, `UPDATE a."b.c" SET v = 'changed'; INSERT INTO "a.b".c VALUES (3, 'new')`)
+	})
+	if err := switchover(t, c); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.AssertSame(t, old, next, pgtest.CompareOptions{SkipTables: []string{"public.t"}})
+	verifyEqual(t, c)
+}
+
+func TestExtensionConfigurationRowsHiddenByPoliciesAreRefused(t *testing.T) {
+	// pg_cron's cron.job: a configuration table readable by PUBLIC, with a
+	// policy that shows each role only its own rows.
+	ext := `
+CREATE EXTENSION hstore;
+CREATE SCHEMA cron;
+CREATE TABLE cron.job (jobid int PRIMARY KEY, username text NOT NULL DEFAULT current_user, command text);
+ALTER TABLE cron.job ENABLE ROW LEVEL SECURITY;
+CREATE POLICY cron_job_policy ON cron.job USING (username = current_user);
+GRANT USAGE ON SCHEMA cron TO PUBLIC;
+GRANT SELECT ON cron.job TO PUBLIC;
+ALTER EXTENSION hstore ADD TABLE cron.job;
+UPDATE pg_extension SET extconfig = ARRAY['cron.job'::regclass::oid], extcondition = ARRAY[''] WHERE extname = 'hstore';
+`
+	old, next := fidelityPair(t, "CREATE TABLE t (id int PRIMARY KEY);", "INSERT INTO t VALUES (1);")
+	pgtest.Exec(t, old.AdminURL(), ext+"INSERT INTO cron.job VALUES (1, 'postgres', 'VACUUM');")
+	pgtest.Exec(t, next.AdminURL(), ext)
+	expectRefused(t, newConnector(t, Config{OldURL: old.URL, NextURL: next.URL}), "cron.job: an extension's configuration table holding rows of yours")
+}
+
+// TestTypesAreComparedByWhatTheyHold: a domain over numeric(10,2) is not a
+// domain over numeric(10,0); nor is a composite with other attributes.
+func TestTypesAreComparedByWhatTheyHold(t *testing.T) {
+	old, next := fidelityPair(t, "", "")
+	pgtest.Exec(t, old.URL, `CREATE DOMAIN price AS numeric(10,2); CREATE TYPE pt AS (x float8, y float8);
+CREATE TABLE items (id int PRIMARY KEY, p price, at pt, g text GENERATED ALWAYS AS (id::text) STORED);`)
+	pgtest.Exec(t, next.URL, `CREATE DOMAIN price AS numeric(10,0); CREATE TYPE pt AS (x float4, y float8);
+CREATE TABLE items (id int PRIMARY KEY, p price, at pt, g text GENERATED ALWAYS AS ('#' || id) STORED);`)
+	expectRefused(t, newConnector(t, Config{OldURL: old.URL, NextURL: next.URL}),
+		"public.items.p: type public.price is (domain over numeric(10,2)) in the old database, (domain over numeric(10,0)) in the new one",
+		"public.items.at: type public.pt is (x double precision, y double precision) in the old database, (x real, y double precision) in the new one",
+		"public.items.g: generated as")
+}
+
+// TestPartitionedParentsAreCompared: the place of a partitioned table in
+// its tree, and its row level security, decide what queries through it see.
+func TestPartitionedParentsAreCompared(t *testing.T) {
+	common := `
+CREATE TABLE root (a int, b int, PRIMARY KEY (a, b)) PARTITION BY RANGE (a);
+CREATE TABLE mid (a int, b int, PRIMARY KEY (a, b)) PARTITION BY LIST (b);
+CREATE TABLE leaf PARTITION OF mid FOR VALUES IN (1);
+CREATE TABLE docs (tenant text, id int, PRIMARY KEY (tenant, id)) PARTITION BY LIST (tenant);
+CREATE TABLE docs_a PARTITION OF docs FOR VALUES IN ('a');
+`
+	old, next := fidelityPair(t, common, "")
+	pgtest.Exec(t, old.URL, `ALTER TABLE root ATTACH PARTITION mid FOR VALUES FROM (0) TO (100); INSERT INTO root VALUES (5, 1);
+ALTER TABLE docs ENABLE ROW LEVEL SECURITY; CREATE POLICY tenant_only ON docs USING (tenant = current_setting('app.tenant', true));`)
+	expectRefused(t, newConnector(t, Config{OldURL: old.URL, NextURL: next.URL}),
+		"public.mid: partition of public.root (FOR VALUES FROM (0) TO (100)) in the old database, no parent in the new one",
+		"public.docs: row level security enabled in the old database, disabled in the new one",
+		"public.docs: policies differ")
+}
+
+// TestMaterializedViewsAreRefreshedInOrderWithTheDatabasesSettings: a view
+// that reads another through a plain view is refreshed after it, and with
+// the database's own settings (here its TimeZone), not the sync's.
+func TestMaterializedViewsAreRefreshedInOrderWithTheDatabasesSettings(t *testing.T) {
+	old, next := fidelityPair(t, `
+CREATE TABLE base (id int PRIMARY KEY, at timestamptz);
+CREATE MATERIALIZED VIEW z_detail AS SELECT id, at::date AS day FROM base;
+CREATE VIEW v AS SELECT id, day FROM z_detail;
+CREATE MATERIALIZED VIEW a_summary AS SELECT day, count(*) AS n FROM v GROUP BY day;
+`, "")
+	for _, d := range []*pgtest.Database{old, next} {
+		pgtest.Exec(t, d.URL, "ALTER DATABASE "+d.Name+" SET TimeZone = 'Asia/Tokyo'")
+	}
+	pgtest.Exec(t, old.URL, `INSERT INTO base SELECT i, '2024-01-01 23:30:00+00' FROM generate_series(1, 10) i;
+REFRESH MATERIALIZED VIEW z_detail; REFRESH MATERIALIZED VIEW a_summary;`)
+	if err := switchover(t, newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.AssertSame(t, old, next, pgtest.CompareOptions{MatViewRows: true})
+}
+
+// TestRegclassValuesKeepTheirMeaning: reg* values are moved as names,
+// rendered and parsed with the same search_path (the old database's) on
+// both sides.
+func TestRegclassValuesKeepTheirMeaning(t *testing.T) {
+	old, next := fidelityPair(t, `CREATE SCHEMA app; CREATE TABLE app.orders (id int PRIMARY KEY); CREATE TABLE public.orders (id int PRIMARY KEY);
+CREATE TABLE audit (id int PRIMARY KEY, rel regclass);`, `INSERT INTO audit VALUES (1, 'app.orders'), (2, 'public.orders');`)
+	pgtest.Exec(t, old.URL, "ALTER DATABASE "+old.Name+" SET search_path = app, public")
+	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+	if err := switchover(t, c); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+	verifyEqual(t, c)
+}
+
+// TestKeysWithACastToTextOfTheUsers: capture renders keys with the type's
+// output function, not a cast the user defined for display.
+func TestKeysWithACastToTextOfTheUsers(t *testing.T) {
+	old, next := fidelityPair(t, `
+CREATE TYPE sku AS (family text, num int);
+CREATE FUNCTION sku_label(sku) RETURNS text IMMUTABLE LANGUAGE sql AS $$ SELECT upper(($1).family) || '-' || ($1).num $$;
+CREATE CAST (sku AS text) WITH FUNCTION sku_label(sku);
+CREATE TABLE stock (k sku PRIMARY KEY, qty int);
+`, `INSERT INTO stock SELECT ROW('box', i)::sku, 0 FROM generate_series(1, 10) i;`)
+	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+	atPhase(c, "initial copy", func(ctx context.Context) {
+		pgtest.Exec(t, old.URL, "UPDATE stock SET qty = 5 WHERE (k).num <= 3; DELETE FROM stock WHERE (k).num = 10")
+	})
+	if err := switchover(t, c); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+}
+
+func TestTablesInSystemSchemasAreRefused(t *testing.T) {
+	old, next := fidelityPair(t, "CREATE TABLE t (id int PRIMARY KEY);", "INSERT INTO t VALUES (1);")
+	pgtest.Exec(t, old.AdminURL(), "CREATE TABLE information_schema.app_settings (k text PRIMARY KEY, v text); INSERT INTO information_schema.app_settings VALUES ('tax', '19');")
+	expectRefused(t, newConnector(t, Config{OldURL: old.URL, NextURL: next.URL}), "information_schema.app_settings")
+}
+
+// TestOddNamesSequencesAndExtensionKeys: quoted schema, table and column
+// names; a descending, cycling smallint sequence shared by two tables; an
+// unlogged sequence set with is_called false; citext and ltree keys changed
+// (case-only changes too) by a writer with a hostile search_path.
+func TestOddNamesSequencesAndExtensionKeys(t *testing.T) {
+	old, next := fidelityPair(t, `
+CREATE SCHEMA "We""ird.S";
+CREATE SEQUENCE "We""ird.S"."Desc" AS smallint INCREMENT -3 MINVALUE -10 MAXVALUE 5 START 5 CYCLE;
+CREATE UNLOGGED SEQUENCE "We""ird.S".u;
+CREATE TABLE "We""ird.S"."T 1" ("Id" smallint PRIMARY KEY DEFAULT nextval('"We""ird.S"."Desc"'), "v.v" text);
+CREATE TABLE "We""ird.S"."T 2" ("Id" smallint PRIMARY KEY DEFAULT nextval('"We""ird.S"."Desc"'));
+`, `
+INSERT INTO "We""ird.S"."T 1" ("v.v") SELECT 'x' FROM generate_series(1, 5);
+SELECT nextval('"We""ird.S"."Desc"') FROM generate_series(1, 3);
+SELECT setval('"We""ird.S".u', 42, false);
+`)
+	ext := "CREATE EXTENSION IF NOT EXISTS citext; CREATE EXTENSION IF NOT EXISTS ltree;"
+	pgtest.Exec(t, old.AdminURL(), ext)
+	pgtest.Exec(t, next.AdminURL(), ext)
+	ddl := `CREATE TABLE users (email citext PRIMARY KEY, n int); CREATE TABLE tree (path ltree PRIMARY KEY, n int);`
+	pgtest.Exec(t, old.URL, ddl+`INSERT INTO users SELECT 'User' || i || '@X.org', i FROM generate_series(1, 20) i;
+INSERT INTO tree SELECT ('top.Node' || i)::ltree, i FROM generate_series(1, 20) i;`)
+	pgtest.Exec(t, next.URL, ddl)
+	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+	atPhase(c, "initial copy", func(ctx context.Context) {
+		pgtest.Exec(t, old.URL, `UPDATE "We""ird.S"."T 1" SET "Id" = "Id" + 100, "v.v" = 'moved';
+SET search_path = pg_temp, public; SET DateStyle = 'German'; SET extra_float_digits = -10;
+UPDATE users SET email = lower(email::text) WHERE n <= 5;
+UPDATE users SET email = upper(email::text), n = n + 100 WHERE n BETWEEN 6 AND 8;
+DELETE FROM users WHERE n = 9; INSERT INTO users VALUES ('USER9@x.ORG', 9);
+UPDATE tree SET path = 'top.moved' || path WHERE n <= 3;`)
+	})
+	if err := switchover(t, c); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+}
