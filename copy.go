@@ -617,7 +617,6 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) 
 	msg := fmt.Sprintf("swo: database %s is obsolete: it was switched over to database %s; writes are refused. Use the new database.",
 		c.old.info.ID, c.nextInfo().ID)
 	mark := append([]string{c.meta.MarkSwitchedSQL(c.nextInfo().ID)}, r.cap.RejectWritesSQL(msg)...)
-	mark = append(mark, res.Freeze...)
 	if res.Consume != "" {
 		mark = append(mark, res.Consume)
 	}
@@ -633,9 +632,14 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) 
 	c.log.Info("swo: switched", "pause", time.Since(pauseStart), "final_sync", time.Duration(done.FinalMS)*time.Millisecond,
 		"final_changes", res.Changes)
 
-	// After the switch: validate the new database's foreign keys without
-	// blocking the service (outside the window's deadline).
+	// After the switch: freeze the old database's sequences and validate the
+	// new database's foreign keys, without blocking the service (outside
+	// the window's deadline).
 	cancel()
+	lr.progress.SetPhase("freezing sequences", 0, 0)
+	if err := r.eng.FreezeSequences(context.WithoutCancel(ctx), res); err != nil {
+		c.noteErr(fmt.Errorf("swo: switched, but freezing sequences in the old database failed (nextval still works there): %w", err))
+	}
 	lr.progress.SetPhase("validating foreign keys", 0, 0)
 	if err := r.eng.Finish(context.WithoutCancel(ctx)); err != nil {
 		c.noteErr(fmt.Errorf("swo: switched, but validating foreign keys in the new database failed: %w", err))

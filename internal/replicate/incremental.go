@@ -2,7 +2,9 @@ package replicate
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"math/big"
 	"sort"
 	"strings"
 	"time"
@@ -254,9 +256,8 @@ type FinalResult struct {
 	// Consume deletes the applied changes: the caller runs it in the source
 	// transaction (with the statements that mark the switch).
 	Consume string
-	// Freeze makes the moved sequences refuse nextval in the old database
-	// from the switch on: the caller runs it in the source transaction too.
-	Freeze []string
+	// seqs are the moved sequences' states as read, for FreezeSequences.
+	seqs seqValues
 }
 
 // Final runs the last round inside the pause, in few round trips. srcTx is
@@ -266,16 +267,20 @@ type FinalResult struct {
 // write until srcTx ends, so the source's synced tables are frozen while
 // Final reads them; it checks that capture is intact, that no DDL changed
 // what it captures (the fingerprint) and that no refused kind of object
-// appeared (e.RefusedNow); it freezes each moved sequence (ALTER SEQUENCE
-// takes a lock that nextval waits for, until srcTx ends) before reading its
-// state. It applies the remaining changes, carries the sequences over,
-// restores foreign keys (NOT VALID) and triggers on the target, and commits
-// the target. The caller then runs res.Consume and res.Freeze and commits
-// srcTx after marking the switch in it.
+// appeared (e.RefusedNow). It applies the remaining changes, carries the
+// sequences over, restores foreign keys (NOT VALID) and triggers on the
+// target, and commits the target. The caller then runs res.Consume and
+// commits srcTx after marking the switch in it, and then FreezeSequences.
+//
+// Sequences are read, not locked: nextval does not wait for the change
+// table's lock, and a writer that bypasses the connector holds its
+// sequence's lock from its nextval to its commit, so a lock on the sequences
+// here could deadlock with a writer waiting for the change table.
+// FreezeSequences closes the gap after the switch.
 func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res FinalResult, err error) {
 	start := time.Now()
 	// Source, one round trip: lock, capture intact, fingerprint, refused
-	// objects, changes, sequences frozen and read.
+	// objects, changes, sequences.
 	var (
 		alive       bool
 		fingerprint string
@@ -291,9 +296,6 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 		q.Queue(e.RefusedNow).QueryRow(func(r pgx.Row) error { return r.Scan(&refused) })
 	}
 	q.Queue(e.changesSQL(0)).Query(func(rows pgx.Rows) (err error) { b, err = collectBatch(rows); return err })
-	for _, s := range e.Source.Sequences {
-		q.Queue("ALTER SEQUENCE " + s.QName() + " NO CYCLE")
-	}
 	if len(e.Source.Sequences) > 0 {
 		q.Queue(sequencesSQL(e.Source.Sequences)).Query(func(rows pgx.Rows) (err error) {
 			seqs, err = collectSequences(rows, e.Source.Sequences)
@@ -312,7 +314,7 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	if len(refused) > 0 {
 		return res, fmt.Errorf("%w: %s", ErrRefusedAppeared, strings.Join(refused, ", "))
 	}
-	res.Freeze = freezeSQL(e.Source.Sequences, seqs)
+	res.seqs = seqs
 	res.Changes, res.Sequences = b.changes, len(seqs.names)
 	tables, err := e.tables(b)
 	if err != nil {
@@ -362,23 +364,69 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	return res, nil
 }
 
-// freezeSQL returns, for the moved sequences in the states read, the
-// statements that make nextval fail in the old database from the switch on,
-// as the change table's trigger makes every captured write fail: each
-// sequence's bounds close around its last value, which it then holds as
-// handed out (is_called), so that its next value lies outside them. (An
-// is_called false sequence returns its last value without a bounds check;
-// setval to the value before it, with is_called, means the same next value.)
-// A sequence at its type's very end keeps only the final sync's freeze.
-func freezeSQL(seqs []*schema.Sequence, v seqValues) []string {
-	var out []string
-	for i := range v.names {
-		s := seqs[v.index[i]]
-		last, inc := v.values[i], s.Increment
-		m := last
-		if !v.called[i] {
+// FreezeSequences runs after the switch committed: it makes each moved
+// sequence refuse nextval in the old database, as the change table's
+// trigger makes every captured write fail, and moves the new database's
+// sequence forward if the old one handed out values after the final sync
+// read it (a writer that bypasses the connector). Each sequence is frozen in
+// a transaction of its own, so that no lock of the library's is held while
+// it waits for one (no deadlock): ALTER SEQUENCE waits for the transactions
+// that drew from it, locks out nextval, and its bounds are closed around
+// its last value, which it then holds as handed out (is_called), so that
+// its next value lies outside them. (An is_called false sequence returns its
+// last value without a bounds check; setval to the value before it, with
+// is_called, means the same next value.) A sequence at its type's very end
+// keeps its bounds. It returns an error naming the sequences it could not
+// freeze; the others are frozen.
+func (e *Engine) FreezeSequences(ctx context.Context, res FinalResult) error {
+	if len(res.seqs.names) == 0 {
+		return nil
+	}
+	src, err := Connect(ctx, e.Src)
+	if err != nil {
+		return err
+	}
+	defer src.Close(context.Background())
+	dst, err := Connect(ctx, e.Dst)
+	if err != nil {
+		return err
+	}
+	defer dst.Close(context.Background())
+	var errs []error
+	for i := range res.seqs.names {
+		s := e.Source.Sequences[res.seqs.index[i]]
+		copied := nextValue(res.seqs.values[i], res.seqs.called[i], s.Increment)
+		if err := freezeSequence(ctx, src, dst, s, copied); err != nil {
+			errs = append(errs, fmt.Errorf("sequence %s: %w", s, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// nextValue is the value nextval hands out next (big: it may be past the
+// type's end).
+func nextValue(last int64, called bool, inc int64) *big.Int {
+	v := big.NewInt(last)
+	if called {
+		v.Add(v, big.NewInt(inc))
+	}
+	return v
+}
+
+func freezeSequence(ctx context.Context, src, dst *pgx.Conn, s *schema.Sequence, copied *big.Int) error {
+	var last int64
+	var called bool
+	err := pgx.BeginFunc(ctx, src, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '10s'; ALTER SEQUENCE "+s.QName()+" NO CYCLE"); err != nil {
+			return err
+		}
+		if err := tx.QueryRow(ctx, "SELECT last_value, is_called FROM "+s.QName()).Scan(&last, &called); err != nil {
+			return err
+		}
+		inc, m := s.Increment, last
+		if !called {
 			if (inc > 0 && last < s.TypeMin+inc) || (inc < 0 && last > s.TypeMax+inc) {
-				continue
+				return nil
 			}
 			m = last - inc
 		}
@@ -387,14 +435,44 @@ func freezeSQL(seqs []*schema.Sequence, v seqValues) []string {
 			lo, hi = m, m+1
 		}
 		if (inc > 0 && m == s.TypeMin) || (inc < 0 && m == s.TypeMax) {
-			continue
+			return nil
 		}
-		out = append(out,
-			fmt.Sprintf("ALTER SEQUENCE %s NO CYCLE MINVALUE %d MAXVALUE %d START %d RESTART %d", s.QName(), lo, hi, m, m),
-			fmt.Sprintf("SELECT pg_catalog.setval(%d, %d, true)", s.OID, m))
+		_, err := tx.Exec(ctx, fmt.Sprintf("ALTER SEQUENCE %s NO CYCLE MINVALUE %d MAXVALUE %d START %d RESTART %d; SELECT pg_catalog.setval(%d, %d, true)",
+			s.QName(), lo, hi, m, m, s.OID, m))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("freeze it in the old database: %w", err)
 	}
-	return out
+	// Values handed out in the old database since the final sync read it
+	// must not be handed out again: move the new database's sequence to the
+	// old one's next value, unless it is there already.
+	next := nextValue(last, called, s.Increment)
+	if next.Cmp(copied) == 0 || !next.IsInt64() {
+		return nil
+	}
+	ahead := ">"
+	if s.Increment < 0 {
+		ahead = "<"
+	}
+	_, err = dst.Exec(ctx, fmt.Sprintf(`SELECT pg_catalog.setval(%[1]s, %[2]d, false) FROM %[3]s
+WHERE CASE WHEN is_called THEN last_value::numeric + %[4]d ELSE last_value END %[5]s %[2]d`,
+		quoteLiteral(s.QName()), next.Int64(), s.QName(), s.Increment, reverse(ahead)))
+	if err != nil {
+		return fmt.Errorf("move it forward in the new database: %w", err)
+	}
+	return nil
 }
+
+// reverse turns "is ahead of" into "is behind".
+func reverse(op string) string {
+	if op == ">" {
+		return "<"
+	}
+	return ">"
+}
+
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 // sequencesSQL reads the state of the sequences from each sequence itself,
 // as pg_dump does: last_value and is_called. (pg_sequences.last_value is
