@@ -396,3 +396,40 @@ CREATE TABLE sales (id int PRIMARY KEY);`)
 		}
 	}
 }
+
+// TestCaptureIgnoresTheWritersSearchPath: capture's trigger functions run
+// with their owner's rights; a writer that puts its own operators ahead of
+// pg_catalog's on its search_path must not get them run with those rights.
+func TestCaptureIgnoresTheWritersSearchPath(t *testing.T) {
+	old, next := fidelityPair(t, "CREATE TABLE notes (id int PRIMARY KEY, body text);",
+		"INSERT INTO notes SELECT i, 'n' FROM generate_series(1, 10) i;")
+	etl := old.NewRole(t, "etl", `GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO %[1]s;
+CREATE SCHEMA evil AUTHORIZATION %[1]s; GRANT USAGE ON SCHEMA evil TO PUBLIC;`)
+	pgtest.Exec(t, etl.URL, `
+CREATE TABLE evil.log (who text); GRANT ALL ON evil.log TO PUBLIC;
+CREATE FUNCTION evil.eq(text, text) RETURNS boolean LANGUAGE sql AS $$ INSERT INTO evil.log VALUES (current_user) RETURNING $1 OPERATOR(pg_catalog.=) $2 $$;
+CREATE FUNCTION evil.ne(text[], text[]) RETURNS boolean LANGUAGE sql AS $$ INSERT INTO evil.log VALUES (current_user) RETURNING $1 OPERATOR(pg_catalog.<>) $2 $$;
+CREATE OPERATOR evil.= (leftarg = text, rightarg = text, function = evil.eq);
+CREATE OPERATOR evil.<> (leftarg = text[], rightarg = text[], function = evil.ne);
+CREATE FUNCTION evil.format(text, int) RETURNS text LANGUAGE sql AS $$ INSERT INTO evil.log VALUES (current_user) RETURNING 'x' $$;`)
+	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL, ExcludeTables: []string{"evil.*"}})
+	atPhase(c, "initial copy", func(ctx context.Context) {
+		conn := pgtest.Connect(t, etl.URL)
+		if _, err := conn.Exec(ctx, "SET search_path = evil, pg_catalog, public"); err != nil {
+			t.Error(err)
+		}
+		for _, q := range []string{"INSERT INTO notes VALUES (100, 'x')", "UPDATE notes SET id = id + 1000 WHERE id = 1", "DELETE FROM notes WHERE id = 2"} {
+			if _, err := conn.Exec(ctx, q); err != nil {
+				t.Errorf("%s: %v", q, err)
+			}
+		}
+	})
+	if err := switchover(t, c); err != nil {
+		t.Fatal(err)
+	}
+	var ran int
+	if err := pgtest.Connect(t, old.AdminURL()).QueryRow(testCtx(t), "SELECT count(*) FROM evil.log").Scan(&ran); err != nil || ran != 0 {
+		t.Fatalf("the writer's operators or functions ran inside capture %d times (%v)", ran, err)
+	}
+	pgtest.AssertSame(t, old, next, pgtest.CompareOptions{SkipSchemas: []string{"swo", "evil"}})
+}

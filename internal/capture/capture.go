@@ -133,11 +133,13 @@ END $f$;`, c.q("changes"), c.q("capture_alive"), c.q("capture_truncate")))
 // The function is SECURITY DEFINER, owned by the role that installs
 // capture, so that every writer is captured whatever its own rights: a role
 // with rights on the table but none on the library's schema (a cron job, an
-// ETL role) would otherwise fail every write for the whole run. Its
-// search_path is pinned to pg_catalog, so that no name in it (a cast to
-// text, an operator) can be resolved to an object a writer placed earlier
-// on its own search_path, and EXECUTE is revoked from PUBLIC. Keys are
-// rendered with their types' output functions (never a cast of the user's).
+// ETL role) would otherwise fail every write for the whole run. Every name
+// in its body is schema-qualified, operators included (OPERATOR(pg_catalog.=)),
+// so that none can be resolved to an object a writer placed on its own
+// search_path; it does not pin search_path with a SET clause, which would
+// cost a settings save and restore on every captured row. EXECUTE is
+// revoked from PUBLIC. Keys are rendered with their types' output functions
+// (never a cast of the user's).
 // Whether the key changed is decided on the keys' text forms, which needs
 // only pg_catalog's text comparison (two texts for equal keys, as 1.0 and
 // 1.00, record both: harmless).
@@ -148,7 +150,7 @@ func (c Capture) tableDDL(t *schema.Table) string {
 	key := func(rec string) string {
 		parts := make([]string, len(t.PrimaryKey))
 		for i, col := range t.PrimaryKey {
-			parts[i] = "format('%s', " + rec + "." + pgx.Identifier{col}.Sanitize() + ")"
+			parts[i] = "pg_catalog.format('%s', " + rec + "." + pgx.Identifier{col}.Sanitize() + ")"
 		}
 		return "ARRAY[" + strings.Join(parts, ", ") + "]"
 	}
@@ -157,20 +159,20 @@ func (c Capture) tableDDL(t *schema.Table) string {
 	}
 	fn := c.q(fmt.Sprintf("capture_%d", t.OID))
 	return fmt.Sprintf(`
-CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp%[2]s AS $f$
+CREATE OR REPLACE FUNCTION %[1]s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER%[2]s AS $f$
 DECLARE
-	k text[];
-	old_k text[];
+	k pg_catalog.text[];
+	old_k pg_catalog.text[];
 BEGIN
-	IF TG_OP = 'DELETE' THEN
+	IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
 		%[3]s
 		RETURN NULL;
 	END IF;
 	k := %[4]s;
 	%[5]s
-	IF TG_OP = 'UPDATE' THEN
+	IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
 		old_k := %[6]s;
-		IF old_k IS DISTINCT FROM k THEN
+		IF old_k OPERATOR(pg_catalog.<>) k THEN
 			%[7]s
 		END IF;
 	END IF;
