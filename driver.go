@@ -195,6 +195,7 @@ func (c *Connector) connect(ctx context.Context, e *endpoint, role string) (*pgx
 	cfg := e.cfg.Copy()
 	cfg.RuntimeParams["application_name"] = c.appName(e, role)
 	cfg.RuntimeParams["default_transaction_isolation"] = "read committed"
+	cfg.RuntimeParams["jit"] = "off" // the library's queries are short: compiling them would cost more than running them
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, c.scrub(fmt.Errorf("connect to %s database %s: %w", e.label, dsn.Describe(e.cfg), err))

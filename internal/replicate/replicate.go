@@ -142,7 +142,9 @@ func (e *Engine) guard(ctx context.Context, q interface {
 // policy that would silently hide rows into an error (the preconditions
 // refuse such a table first), READ COMMITTED is what every statement that
 // waits for a lock needs (a REPEATABLE READ default would take its snapshot
-// before the wait), and the library bounds its own waits.
+// before the wait), the library bounds its own waits, and JIT compilation
+// (which can cost more than the fingerprint query it would compile, inside
+// the pause) is off.
 var sessionParams = func() map[string]string {
 	p := map[string]string{
 		"client_encoding":                     "UTF8",
@@ -151,6 +153,7 @@ var sessionParams = func() map[string]string {
 		"statement_timeout":                   "0",
 		"lock_timeout":                        "0",
 		"idle_in_transaction_session_timeout": "0",
+		"jit":                                 "off", // the library's queries are short; compiling them would cost more
 	}
 	for _, kv := range capture.KeySettings {
 		p[kv[0]] = kv[1]

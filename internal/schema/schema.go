@@ -307,7 +307,9 @@ const notExtensionMember = `NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classi
 func read(ctx context.Context, tx pgx.Tx, opts Options) (*Database, error) {
 	// row_security off: a policy must not hide a row from the inventory's
 	// probes (it fails them instead, and they count that as rows).
-	if _, err := tx.Exec(ctx, "SET LOCAL search_path = pg_catalog; SET LOCAL row_security = off"); err != nil {
+	// jit off: the catalog queries are quick, but their estimates can be
+	// high enough that JIT compilation would cost far more than running them.
+	if _, err := tx.Exec(ctx, "SET LOCAL search_path = pg_catalog; SET LOCAL row_security = off; SET LOCAL jit = off"); err != nil {
 		return nil, err
 	}
 	db := &Database{byName: map[string]*Table{}}
