@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgswo/swo/internal/capture"
 	"github.com/pgswo/swo/internal/dsn"
@@ -84,7 +86,23 @@ func (c *Connector) check(ctx context.Context) (*syncRun, error) {
 		problems = append(problems, schema.Problem{Object: "database", Issue: "--db-url and --db-url-next reach the same database"})
 	}
 	opts := schema.Options{LibrarySchema: c.cfg.Namespace}
-	srcFull, err := schema.Read(ctx, src, opts)
+	// The shape the final sync compares against is taken in the snapshot
+	// the run is planned from: DDL at any later moment is caught.
+	var shape schema.Shape
+	var shapeSQL string
+	srcOpts := opts
+	srcOpts.Also = func(ctx context.Context, tx pgx.Tx, db *schema.Database) error {
+		moved := db.Select(c.cfg.ExcludeTables).Tables
+		oids := make([]uint32, len(moved))
+		for i, t := range moved {
+			oids[i] = t.OID
+		}
+		shapeSQL = schema.ShapeSQL(oids, c.cfg.Namespace)
+		var err error
+		shape, err = schema.ReadShape(ctx, tx, shapeSQL, c.cfg.ExcludeTables)
+		return err
+	}
+	srcFull, err := schema.Read(ctx, src, srcOpts)
 	if err != nil {
 		return nil, c.scrub(fmt.Errorf("old database: %w", err))
 	}
@@ -94,6 +112,27 @@ func (c *Connector) check(ctx context.Context) (*syncRun, error) {
 	}
 	source, target := srcFull.Select(c.cfg.ExcludeTables), dstFull.Select(c.cfg.ExcludeTables)
 	problems = append(problems, schema.Check(source, target, c.cfg.ExcludeTables)...)
+	// Each database's sessions use its own search_path (the new database's
+	// functions and index expressions may need it); values that name
+	// objects (regclass and the other reg* types) are rendered and parsed
+	// relative to it, so they keep their meaning only if both are the same.
+	var oldPath, newPath string
+	if err := src.QueryRow(ctx, "SELECT current_setting('search_path')").Scan(&oldPath); err != nil {
+		return nil, c.scrub(fmt.Errorf("old database: %w", err))
+	}
+	if err := dst.QueryRow(ctx, "SELECT current_setting('search_path')").Scan(&newPath); err != nil {
+		return nil, c.scrub(fmt.Errorf("new database: %w", err))
+	}
+	if oldPath != newPath {
+		for _, t := range source.Tables {
+			for _, col := range t.Columns {
+				if col.NamesObjects {
+					problems = append(problems, schema.Problem{Object: t.String() + "." + col.Name, Issue: fmt.Sprintf(
+						"its values name objects (%s), which read relative to search_path, and the databases' search_path differ (%q in the old, %q in the new): set the same search_path for the role or database in both", col.Type, oldPath, newPath)})
+				}
+			}
+		}
+	}
 	problems = append(problems, schema.CheckReferences(srcFull, c.cfg.ExcludeTables)...)
 	problems = append(problems, schema.CheckReferences(dstFull, c.cfg.ExcludeTables)...)
 	if len(source.Tables) == 0 {
@@ -102,37 +141,17 @@ func (c *Connector) check(ctx context.Context) (*syncRun, error) {
 	if len(problems) > 0 {
 		return nil, fmt.Errorf("%w: %w", ErrPreconditions, problems)
 	}
-	srcCfg, dstCfg, err := c.syncConfigs(ctx, src, roleSync)
-	if err != nil {
-		return nil, err
-	}
 	return &syncRun{
 		c:   c,
 		cap: capture.Capture{Schema: c.cfg.Namespace},
 		eng: &replicate.Engine{
-			Src: srcCfg, Dst: dstCfg, SourceID: c.old.info.ID,
+			Src: c.syncConfig(c.old), Dst: c.syncConfig(c.next), SourceID: c.old.info.ID,
 			Schema: c.cfg.Namespace, Source: source, Target: target,
 			RefusedNow: srcFull.RefusedNowSQL(c.cfg.ExcludeTables),
-			Workers:    c.cfg.SyncWorkers, Log: c.log, Progress: &replicate.Progress{},
+			Shape:      shape, ShapeSQL: shapeSQL, Exclude: c.cfg.ExcludeTables,
+			Workers: c.cfg.SyncWorkers, Log: c.log, Progress: &replicate.Progress{},
 		},
 	}, nil
-}
-
-// syncConfigs returns the settings of the sessions that copy and compare
-// data on both databases: both use the old database's search_path (as its
-// role and database set it), so that values whose text form names objects
-// (regclass and the other reg* types) render and parse the same way on both
-// sides, and functions in generated columns, constraints and indexes resolve
-// names as they do in the old database. src is a session on the old database
-// with its defaults.
-func (c *Connector) syncConfigs(ctx context.Context, src *pgx.Conn, role string) (old, next *pgx.ConnConfig, err error) {
-	var path string
-	if err := src.QueryRow(ctx, "SELECT current_setting('search_path')").Scan(&path); err != nil {
-		return nil, nil, c.scrub(fmt.Errorf("old database: read search_path: %w", err))
-	}
-	old, next = c.roleConfig(c.old, role), c.roleConfig(c.next, role)
-	old.RuntimeParams["search_path"], next.RuntimeParams["search_path"] = path, path
-	return old, next, nil
 }
 
 // sameDatabase tells, by a live session check, whether the two connections
@@ -207,12 +226,7 @@ func (r *syncRun) startCapture(ctx context.Context) error {
 		return r.c.scrub(err)
 	}
 	defer conn.Close(context.Background())
-	if err := r.cap.Install(ctx, conn, r.eng.Source.Tables, capture.Options{Timeout: r.c.cfg.CaptureTimeout}); err != nil {
-		return err
-	}
-	// The shape of the tables and triggers now: the final sync checks that
-	// nothing changed it meanwhile.
-	return conn.QueryRow(ctx, r.eng.FingerprintSQL()).Scan(&r.eng.Fingerprint)
+	return r.cap.Install(ctx, conn, r.eng.Source.Tables, capture.Options{Timeout: r.c.cfg.CaptureTimeout})
 }
 
 // prepare readies the target for the bulk load and marks it as being filled
@@ -237,6 +251,58 @@ func (r *syncRun) initialCopy(ctx context.Context) error {
 		return err
 	}
 	return r.eng.RefreshMatViews(ctx)
+}
+
+// sealPartitioned makes the old database's partitioned tables refuse
+// writes (capture.Capture.SealPartitioned).
+func (r *syncRun) sealPartitioned(ctx context.Context) error {
+	if len(r.eng.Source.Partitioned) == 0 {
+		return nil
+	}
+	conn, err := replicate.Connect(ctx, r.eng.Src)
+	if err != nil {
+		return r.c.scrub(err)
+	}
+	defer conn.Close(context.Background())
+	return r.cap.SealPartitioned(ctx, conn, r.eng.Source.Partitioned, capture.Options{Timeout: r.c.cfg.CaptureTimeout})
+}
+
+// refusedNow fails if a refused kind of object appeared in the old
+// database since the preconditions were checked.
+func (r *syncRun) refusedNow(ctx context.Context) error {
+	if r.eng.RefusedNow == "" {
+		return nil
+	}
+	conn, err := replicate.Connect(ctx, r.eng.Src)
+	if err != nil {
+		return r.c.scrub(err)
+	}
+	defer conn.Close(context.Background())
+	var refused []string
+	if err := conn.QueryRow(ctx, r.eng.RefusedNow).Scan(&refused); err != nil {
+		return err
+	}
+	if len(refused) > 0 {
+		return fmt.Errorf("%w: %s", replicate.ErrRefusedAppeared, strings.Join(refused, ", "))
+	}
+	return nil
+}
+
+// changeTableBlockers names the sessions and prepared transactions holding
+// locks on the change table of the old database.
+func (c *Connector) changeTableBlockers() string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, err := c.connect(ctx, c.old, roleCtl)
+	if err != nil {
+		return "(could not list them: " + err.Error() + ")"
+	}
+	defer closeBounded(conn)
+	var oid uint32
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1)::oid", c.cfg.Namespace+".changes").Scan(&oid); err != nil {
+		return "(could not list them: " + err.Error() + ")"
+	}
+	return capture.Blockers(ctx, conn, oid)
 }
 
 // catchUp runs incremental rounds until the backlog is small.
@@ -326,11 +392,8 @@ func (c *Connector) Verify(ctx context.Context) (VerifyReport, error) {
 	if err != nil {
 		return VerifyReport{}, c.scrub(err)
 	}
-	srcCfg, dstCfg, err := c.syncConfigs(ctx, src, roleVerify)
-	if err != nil {
-		return VerifyReport{}, err
-	}
-	rep, err := replicate.Verify(ctx, srcCfg, dstCfg, source.Select(c.cfg.ExcludeTables), target.Select(c.cfg.ExcludeTables), c.cfg.SyncWorkers)
+	rep, err := replicate.Verify(ctx, c.roleConfig(c.old, roleVerify), c.roleConfig(c.next, roleVerify),
+		source.Select(c.cfg.ExcludeTables), target.Select(c.cfg.ExcludeTables), c.cfg.SyncWorkers)
 	return rep, c.scrub(err)
 }
 
@@ -477,8 +540,13 @@ func closeBounded(conn *pgx.Conn) {
 	conn.Close(ctx)
 }
 
+// afterSwitchTimeout bounds the leader's work after the switch (sealing the
+// old database, validating foreign keys).
+const afterSwitchTimeout = 5 * time.Minute
+
 // execute is the leader's run, on sess, which holds the exec lock.
 func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) error {
+	leadCtx := ctx // ended by RESET and Close; ctx gets the window's deadline below
 	stillRunning := func(kind string) func(*msglog.Message) error {
 		return func(last *msglog.Message) error {
 			if last == nil || last.Run != lr.run || last.Kind != kind {
@@ -496,6 +564,7 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) 
 	}
 	r.eng.Progress = lr.progress
 	r.eng.FinalTimeout = c.cfg.FinalTimeout
+	r.eng.LockBudget = c.cfg.PauseBudget
 	r.eng.Guard = fmt.Sprintf(`SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid::int4 = %d
 	AND objid::int4 = %d AND objsubid = 2 AND granted AND pid = %d)`, c.keys.space, lockExec, sess.PgConn().PID())
 	for _, step := range []struct {
@@ -518,6 +587,12 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) 
 		return c.scrub(err)
 	}
 	defer closeBounded(dst)
+	// A refused kind of object that appeared during the run (a prepared
+	// transaction holding the change table, say) would make the final sync
+	// refuse anyway: say so before the service pauses for nothing.
+	if err := r.refusedNow(ctx); err != nil {
+		return err
+	}
 
 	// Announce the pause, so that nodes open their connections to the new
 	// database now, and catch up once more meanwhile.
@@ -607,6 +682,10 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) 
 		_ = tx.Rollback(rctx)
 	}()
 	res, err := r.eng.Final(ctx, tx, dst)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
+		return fmt.Errorf("%w (%v): the final sync could not lock the change table: %s", ErrPauseBudget, budget, c.changeTableBlockers())
+	}
 	if err != nil {
 		return err
 	}
@@ -632,16 +711,22 @@ func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) 
 	c.log.Info("swo: switched", "pause", time.Since(pauseStart), "final_sync", time.Duration(done.FinalMS)*time.Millisecond,
 		"final_changes", res.Changes)
 
-	// After the switch: freeze the old database's sequences and validate the
-	// new database's foreign keys, without blocking the service (outside
-	// the window's deadline).
+	// After the switch, without blocking the service (outside the window's
+	// deadline, but bounded, and ended by Close): seal the old database
+	// (its sequences, and partitions created later), and validate the new
+	// database's foreign keys.
 	cancel()
-	lr.progress.SetPhase("freezing sequences", 0, 0)
-	if err := r.eng.FreezeSequences(context.WithoutCancel(ctx), res); err != nil {
+	after, afterCancel := context.WithTimeout(leadCtx, afterSwitchTimeout)
+	defer afterCancel()
+	lr.progress.SetPhase("sealing the old database", 0, 0)
+	if err := r.eng.FreezeSequences(after, res); err != nil {
 		c.noteErr(fmt.Errorf("swo: switched, but freezing sequences in the old database failed (nextval still works there): %w", err))
 	}
+	if err := r.sealPartitioned(after); err != nil {
+		c.noteErr(fmt.Errorf("swo: switched, but sealing partitioned tables in the old database failed (a partition created there later would take writes): %w", err))
+	}
 	lr.progress.SetPhase("validating foreign keys", 0, 0)
-	if err := r.eng.Finish(context.WithoutCancel(ctx)); err != nil {
+	if err := r.eng.Finish(after); err != nil {
 		c.noteErr(fmt.Errorf("swo: switched, but validating foreign keys in the new database failed: %w", err))
 	}
 	lr.progress.SetPhase("done", 0, 0)

@@ -237,13 +237,23 @@ REFRESH MATERIALIZED VIEW z_detail; REFRESH MATERIALIZED VIEW a_summary;`)
 }
 
 // TestRegclassValuesKeepTheirMeaning: reg* values are moved as names,
-// rendered and parsed with the same search_path (the old database's) on
-// both sides.
+// which read relative to search_path; each database's sessions use its own
+// (the new database's functions may need it), so while the two differ such
+// columns are refused, and once they agree the values move exactly.
 func TestRegclassValuesKeepTheirMeaning(t *testing.T) {
 	old, next := fidelityPair(t, `CREATE SCHEMA app; CREATE TABLE app.orders (id int PRIMARY KEY); CREATE TABLE public.orders (id int PRIMARY KEY);
 CREATE TABLE audit (id int PRIMARY KEY, rel regclass);`, `INSERT INTO audit VALUES (1, 'app.orders'), (2, 'public.orders');`)
 	pgtest.Exec(t, old.URL, "ALTER DATABASE "+old.Name+" SET search_path = app, public")
 	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+	expectRefused(t, c, `public.audit.rel: its values name objects (regclass)`, `("app, public" in the old, `)
+	pgtest.Exec(t, next.URL, "ALTER DATABASE "+next.Name+" SET search_path = app, public")
+	// A writer with yet another search_path changes a row: its key (a
+	// regclass here) is rendered qualified whatever the writer's path.
+	pgtest.Exec(t, old.URL, "CREATE TABLE reg_keyed (rel regclass PRIMARY KEY, n int); INSERT INTO reg_keyed VALUES ('app.orders', 1), ('public.orders', 1);")
+	pgtest.Exec(t, next.URL, "CREATE TABLE reg_keyed (rel regclass PRIMARY KEY, n int);")
+	atPhase(c, "initial copy", func(ctx context.Context) {
+		pgtest.Exec(t, old.URL, "SET search_path = app, public; UPDATE reg_keyed SET n = 30 WHERE rel = 'app.orders'::regclass")
+	})
 	if err := switchover(t, c); err != nil {
 		t.Fatal(err)
 	}

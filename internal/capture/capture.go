@@ -213,6 +213,9 @@ func pinSettings(t *schema.Table) string {
 	for _, kv := range KeySettings {
 		fmt.Fprintf(&b, " SET %s = '%s'", kv[0], kv[1])
 	}
+	// reg* values render relative to search_path: qualified under
+	// pg_catalog alone, they parse the same under any path.
+	b.WriteString(" SET search_path = pg_catalog")
 	return b.String()
 }
 
@@ -292,48 +295,17 @@ func (c Capture) Installed(ctx context.Context, conn *pgx.Conn) ([]uint32, error
 	return pgx.CollectRows(rows, pgx.RowTo[uint32])
 }
 
-// FingerprintSQL selects a digest of what decides whether every write to
-// the moved tables is captured and whether their rows can be moved as they
-// are: every table of the database's user schemas (oid, name, kind,
-// columns and their types) and its capture triggers' states; for the moved
-// tables and partitioned tables also their storage (relfilenode: a rewrite
-// such as ALTER COLUMN … TYPE … USING changes rows without firing a
-// trigger), row level security, policies, inheritance parents and partition
-// bounds; and the definitions of the moved sequences. Taken when capture is
-// installed and again in the final sync, it tells whether DDL could have
-// let a change escape capture in between. (VACUUM FULL and CLUSTER of a
-// moved table change it too: such a run fails safely.)
-func (c Capture) FingerprintSQL(moved []*schema.Table, seqs []*schema.Sequence) string {
-	oids := make([]string, 0, len(moved))
-	for _, t := range moved {
-		oids = append(oids, fmt.Sprint(t.OID))
+// IntactSQL selects whether every one of the tables still carries both
+// capture triggers, enabled ALWAYS: a trigger dropped, disabled or
+// recreated differently during the run could have let a write escape.
+func (c Capture) IntactSQL(tables []*schema.Table) string {
+	oids := make([]string, len(tables))
+	for i, t := range tables {
+		oids[i] = fmt.Sprint(t.OID)
 	}
-	seqOIDs := make([]string, 0, len(seqs))
-	for _, s := range seqs {
-		seqOIDs = append(seqOIDs, fmt.Sprint(s.OID))
-	}
-	return fmt.Sprintf(`SELECT md5(coalesce(string_agg(x, ',' ORDER BY x), '')) FROM (
-	SELECT cl.oid::text || ':' || n.nspname || '.' || cl.relname || ':' || cl.relkind::text || ':' ||
-		coalesce((SELECT string_agg(a.attname || ' ' || a.atttypid::text || ' ' || a.atttypmod::text, ';' ORDER BY a.attnum)
-			FROM pg_catalog.pg_attribute a WHERE a.attrelid = cl.oid AND a.attnum > 0 AND NOT a.attisdropped), '') || ':' ||
-		coalesce((SELECT string_agg(t.tgname || '=' || t.tgenabled::text, ';' ORDER BY t.tgname)
-			FROM pg_catalog.pg_trigger t WHERE t.tgrelid = cl.oid AND t.tgname IN ('%[2]s', '%[3]s')), '') ||
-		CASE WHEN cl.oid = ANY('{%[4]s}'::oid[]) OR cl.relkind = 'p' THEN ':' || cl.relfilenode::text || ':' ||
-			cl.relrowsecurity::text || cl.relforcerowsecurity::text || ':' || coalesce(cl.relpartbound::text, '') || ':' ||
-			coalesce((SELECT string_agg(i.inhparent::text, ';' ORDER BY i.inhseqno) FROM pg_catalog.pg_inherits i WHERE i.inhrelid = cl.oid), '') || ':' ||
-			coalesce((SELECT string_agg(p.polname || p.polcmd::text || p.polpermissive::text || p.polroles::text ||
-				coalesce(p.polqual::text, '') || coalesce(p.polwithcheck::text, ''), ';' ORDER BY p.polname)
-				FROM pg_catalog.pg_policy p WHERE p.polrelid = cl.oid), '')
-		ELSE '' END AS x
-	FROM pg_catalog.pg_class cl JOIN pg_catalog.pg_namespace n ON n.oid = cl.relnamespace
-	WHERE cl.relkind IN ('r', 'p') AND cl.relpersistence <> 't'
-		AND n.nspname NOT IN ('pg_catalog', 'information_schema', '%[1]s')
-		AND n.nspname NOT LIKE 'pg\_toast%%' AND n.nspname NOT LIKE 'pg\_temp\_%%'
-	UNION ALL
-	SELECT 'sequence ' || s.seqrelid::text || ':' || s.seqtypid::text || ':' || s.seqincrement::text || ':' || s.seqmin::text || ':' ||
-		s.seqmax::text || ':' || s.seqcycle::text
-	FROM pg_catalog.pg_sequence s WHERE s.seqrelid = ANY('{%[5]s}'::oid[])) s`,
-		c.Schema, c.triggerName(), c.truncateName(), strings.Join(oids, ","), strings.Join(seqOIDs, ","))
+	return fmt.Sprintf(`SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.unnest('{%[1]s}'::pg_catalog.oid[]) o(oid)
+	WHERE (SELECT pg_catalog.count(*) FROM pg_catalog.pg_trigger t WHERE t.tgrelid = o.oid AND t.tgname IN ('%[2]s', '%[3]s') AND t.tgenabled = 'A') <> 2)`,
+		strings.Join(oids, ","), c.triggerName(), c.truncateName())
 }
 
 // AliveSQL selects whether capture is intact (see Alive).
@@ -376,6 +348,27 @@ END $f$`, c.q(name), msg)
 		fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER obsolete", c.q("changes")),
 		fn("capture_truncate"),
 	}
+}
+
+// SealPartitioned makes each partitioned table refuse writes, after the
+// switch, with the obsolete message: its row triggers are cloned to every
+// partition, those created later too (a partition maintenance job still
+// pointed at the old database would otherwise write into a new partition,
+// which carries no capture trigger). Each table in a transaction of its own,
+// retried as capture's installation is.
+func (c Capture) SealPartitioned(ctx context.Context, conn *pgx.Conn, parents []*schema.Table, opts Options) error {
+	opts = opts.withDefaults()
+	deadline := time.Now().Add(opts.Timeout)
+	var errs []error
+	for _, t := range parents {
+		name := pgx.Identifier{c.Schema + "_obsolete"}.Sanitize()
+		ddl := fmt.Sprintf("DROP TRIGGER IF EXISTS %[1]s ON %[2]s; CREATE TRIGGER %[1]s BEFORE INSERT OR UPDATE OR DELETE ON %[2]s FOR EACH ROW EXECUTE FUNCTION %[3]s(); ALTER TABLE %[2]s ENABLE ALWAYS TRIGGER %[1]s",
+			name, t.QName(), c.q("obsolete"))
+		if err := withLockRetry(ctx, conn, t, opts.LockTimeout, deadline, ddl); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", t, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // withLockRetry runs ddl in its own transaction with a short lock_timeout,
@@ -430,6 +423,18 @@ ORDER BY a.pid`, relid)
 			return "could not list them: " + err.Error()
 		}
 		out = append(out, fmt.Sprintf("pid %d (user %q, application_name %q, %s, transaction open for %s, last query %q)", pid, user, app, state, age, query))
+	}
+	// Prepared transactions hold their locks without a session.
+	rows, err = conn.Query(ctx, `SELECT DISTINCT p.gid, p.owner::text FROM pg_locks l JOIN pg_prepared_xacts p ON l.virtualtransaction = '-1/' || p.transaction::text
+WHERE l.relation = $1 AND l.granted ORDER BY 1`, relid)
+	if err == nil {
+		for rows.Next() {
+			var gid, owner string
+			if rows.Scan(&gid, &owner) == nil {
+				out = append(out, fmt.Sprintf("prepared transaction %q (owner %q: COMMIT PREPARED or ROLLBACK PREPARED it)", gid, owner))
+			}
+		}
+		rows.Close()
 	}
 	if len(out) == 0 {
 		return "sessions holding locks on the table (they have ended since)"

@@ -63,7 +63,6 @@ var sessionSettings = map[string]string{
 	"bytea_output":       "hex",
 	"lc_monetary":        "C",
 	"row_security":       "off",
-	"search_path":        "pg_catalog",
 }
 
 // connectChecker opens a checker session as the administrative role.

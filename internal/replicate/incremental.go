@@ -282,25 +282,35 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	// Source, one round trip: lock, capture intact, fingerprint, refused
 	// objects, changes, sequences.
 	var (
-		alive       bool
-		fingerprint string
-		refused     []string
-		b           *batch
-		seqs        seqValues
+		alive, intact bool
+		shape         schema.Shape
+		refused       []string
+		b             *batch
+		seqs          seqValues
 	)
 	q := &pgx.Batch{}
+	// The lock waits for every writer that captured a change; the service
+	// is paused meanwhile, so the wait has the pause's budget, not the final
+	// sync's (a prepared transaction, or a writer that bypasses the
+	// connector and idles in its transaction, would hold it for ever).
+	if e.LockBudget > 0 {
+		q.Queue(fmt.Sprintf("SET LOCAL lock_timeout = %d", max(e.LockBudget.Milliseconds(), 1)))
+	}
 	q.Queue("LOCK TABLE " + e.capture().ChangesTable() + " IN ACCESS EXCLUSIVE MODE")
+	if e.LockBudget > 0 {
+		q.Queue("SET LOCAL lock_timeout = 0")
+	}
 	q.Queue(e.capture().AliveSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&alive) })
-	q.Queue(e.FingerprintSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&fingerprint) })
+	q.Queue(e.capture().IntactSQL(e.Source.Tables)).QueryRow(func(r pgx.Row) error { return r.Scan(&intact) })
+	if e.ShapeSQL != "" {
+		q.Queue(e.ShapeSQL).Query(func(rows pgx.Rows) (err error) { shape, err = schema.CollectShape(rows, e.Exclude); return err })
+	}
 	if e.RefusedNow != "" {
 		q.Queue(e.RefusedNow).QueryRow(func(r pgx.Row) error { return r.Scan(&refused) })
 	}
 	q.Queue(e.changesSQL(0)).Query(func(rows pgx.Rows) (err error) { b, err = collectBatch(rows); return err })
-	if len(e.Source.Sequences) > 0 {
-		q.Queue(sequencesSQL(e.Source.Sequences)).Query(func(rows pgx.Rows) (err error) {
-			seqs, err = collectSequences(rows, e.Source.Sequences)
-			return err
-		})
+	for _, sql := range sequencesSQL(e.Source.Sequences) {
+		q.Queue(sql).Query(func(rows pgx.Rows) error { return seqs.collect(rows, e.Source.Sequences) })
 	}
 	if err := srcTx.SendBatch(ctx, q).Close(); err != nil {
 		return res, fmt.Errorf("final sync: read the source: %w", err)
@@ -308,8 +318,13 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	if !alive {
 		return res, capture.ErrLost
 	}
-	if e.Fingerprint != "" && fingerprint != e.Fingerprint {
-		return res, ErrSchemaChanged
+	if !intact {
+		return res, fmt.Errorf("%w: a capture trigger was dropped or disabled", ErrSchemaChanged)
+	}
+	if e.ShapeSQL != "" {
+		if diff := e.Shape.Diff(shape); len(diff) > 0 {
+			return res, fmt.Errorf("%w: %s", ErrSchemaChanged, abbreviate(diff, 10))
+		}
 	}
 	if len(refused) > 0 {
 		return res, fmt.Errorf("%w: %s", ErrRefusedAppeared, strings.Join(refused, ", "))
@@ -376,8 +391,8 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 // its next value lies outside them. (An is_called false sequence returns its
 // last value without a bounds check; setval to the value before it, with
 // is_called, means the same next value.) A sequence at its type's very end
-// keeps its bounds. It returns an error naming the sequences it could not
-// freeze; the others are frozen.
+// keeps its bounds. A sequence whose lock is held (a writer's transaction
+// still open) is retried until ctx ends; the error names those left.
 func (e *Engine) FreezeSequences(ctx context.Context, res FinalResult) error {
 	if len(res.seqs.names) == 0 {
 		return nil
@@ -386,21 +401,45 @@ func (e *Engine) FreezeSequences(ctx context.Context, res FinalResult) error {
 	if err != nil {
 		return err
 	}
-	defer src.Close(context.Background())
+	defer closeQuietly(src)
 	dst, err := Connect(ctx, e.Dst)
 	if err != nil {
 		return err
 	}
-	defer dst.Close(context.Background())
-	var errs []error
-	for i := range res.seqs.names {
-		s := e.Source.Sequences[res.seqs.index[i]]
-		copied := nextValue(res.seqs.values[i], res.seqs.called[i], s.Increment)
-		if err := freezeSequence(ctx, src, dst, s, copied); err != nil {
-			errs = append(errs, fmt.Errorf("sequence %s: %w", s, err))
-		}
+	defer closeQuietly(dst)
+	pending := make([]int, len(res.seqs.names))
+	for i := range pending {
+		pending[i] = i
 	}
-	return errors.Join(errs...)
+	backoff := 100 * time.Millisecond
+	for {
+		var errs []error
+		var left []int
+		for _, i := range pending {
+			s := e.Source.Sequences[res.seqs.index[i]]
+			copied := nextValue(res.seqs.values[i], res.seqs.called[i], s.Increment)
+			if err := freezeSequence(ctx, src, dst, s, copied); err != nil {
+				errs = append(errs, fmt.Errorf("sequence %s: %w", s, err))
+				left = append(left, i)
+			}
+		}
+		if len(left) == 0 {
+			return nil
+		}
+		pending = left
+		select {
+		case <-ctx.Done():
+			return errors.Join(errs...)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+func closeQuietly(conn *pgx.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	conn.Close(ctx)
 }
 
 // nextValue is the value nextval hands out next (big: it may be past the
@@ -413,11 +452,15 @@ func nextValue(last int64, called bool, inc int64) *big.Int {
 	return v
 }
 
+// catchUpSteps bounds how many values FreezeSequences draws in the new
+// database to move a sequence forward one nextval at a time.
+const catchUpSteps = 100000
+
 func freezeSequence(ctx context.Context, src, dst *pgx.Conn, s *schema.Sequence, copied *big.Int) error {
 	var last int64
 	var called bool
 	err := pgx.BeginFunc(ctx, src, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '10s'; ALTER SEQUENCE "+s.QName()+" NO CYCLE"); err != nil {
+		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '1s'; ALTER SEQUENCE "+s.QName()+" NO CYCLE"); err != nil {
 			return err
 		}
 		if err := tx.QueryRow(ctx, "SELECT last_value, is_called FROM "+s.QName()).Scan(&last, &called); err != nil {
@@ -445,31 +488,31 @@ func freezeSequence(ctx context.Context, src, dst *pgx.Conn, s *schema.Sequence,
 		return fmt.Errorf("freeze it in the old database: %w", err)
 	}
 	// Values handed out in the old database since the final sync read it
-	// must not be handed out again: move the new database's sequence to the
-	// old one's next value, unless it is there already.
-	next := nextValue(last, called, s.Increment)
-	if next.Cmp(copied) == 0 || !next.IsInt64() {
+	// must not be handed out again: draw them in the new database too. One
+	// nextval at a time never moves a sequence backwards, whatever the
+	// service draws meanwhile (a setval could).
+	ahead := new(big.Int).Sub(nextValue(last, called, s.Increment), copied)
+	steps := ahead.Div(ahead, big.NewInt(s.Increment))
+	if steps.Sign() <= 0 {
 		return nil
 	}
-	ahead := ">"
-	if s.Increment < 0 {
-		ahead = "<"
+	if !steps.IsInt64() || steps.Int64() > catchUpSteps {
+		return fmt.Errorf("the old database handed out %s values after the final sync read it: too many to draw again in the new database; set it forward there by hand", steps)
 	}
-	_, err = dst.Exec(ctx, fmt.Sprintf(`SELECT pg_catalog.setval(%[1]s, %[2]d, false) FROM %[3]s
-WHERE CASE WHEN is_called THEN last_value::numeric + %[4]d ELSE last_value END %[5]s %[2]d`,
-		quoteLiteral(s.QName()), next.Int64(), s.QName(), s.Increment, reverse(ahead)))
+	_, err = dst.Exec(ctx, fmt.Sprintf(`SELECT pg_catalog.max(pg_catalog.nextval(%s)) FROM pg_catalog.generate_series(1, %d)`,
+		quoteLiteral(s.QName()), steps.Int64()))
 	if err != nil {
 		return fmt.Errorf("move it forward in the new database: %w", err)
 	}
 	return nil
 }
 
-// reverse turns "is ahead of" into "is behind".
-func reverse(op string) string {
-	if op == ">" {
-		return "<"
+// abbreviate joins a list, cut after n items.
+func abbreviate(items []string, n int) string {
+	if len(items) <= n {
+		return strings.Join(items, "; ")
 	}
-	return ">"
+	return strings.Join(items[:n], "; ") + fmt.Sprintf("; and %d more", len(items)-n)
 }
 
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
@@ -478,12 +521,19 @@ func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''
 // as pg_dump does: last_value and is_called. (pg_sequences.last_value is
 // NULL when is_called is false, as after ALTER SEQUENCE … RESTART or
 // setval(s, n, false), and its start_value is not the value to restore.)
-func sequencesSQL(seqs []*schema.Sequence) string {
-	parts := make([]string, len(seqs))
-	for i, s := range seqs {
-		parts[i] = fmt.Sprintf("SELECT %d, last_value, is_called FROM %s", i, s.QName())
+func sequencesSQL(seqs []*schema.Sequence) []string {
+	// In chunks: one UNION ALL of every sequence takes a time to plan that
+	// grows with the square of their number (0.6 s for 1,500).
+	const chunk = 50
+	var out []string
+	for lo := 0; lo < len(seqs); lo += chunk {
+		var parts []string
+		for i := lo; i < min(lo+chunk, len(seqs)); i++ {
+			parts = append(parts, fmt.Sprintf("SELECT %d, last_value, is_called FROM %s", i, seqs[i].QName()))
+		}
+		out = append(out, strings.Join(parts, " UNION ALL "))
 	}
-	return strings.Join(parts, " UNION ALL ")
+	return out
 }
 
 const setSequencesSQL = `SELECT setval(format('%I.%I', s, n)::regclass, v, c)
@@ -497,19 +547,18 @@ type seqValues struct {
 	index          []int // into the sequences read
 }
 
-// collectSequences reads the rows of sequencesSQL(seqs).
-func collectSequences(rows pgx.Rows, seqs []*schema.Sequence) (seqValues, error) {
+// collect adds the rows of sequencesSQL(seqs) to v.
+func (v *seqValues) collect(rows pgx.Rows, seqs []*schema.Sequence) error {
 	defer rows.Close()
-	var v seqValues
 	for rows.Next() {
 		var i int
 		var x int64
 		var c bool
 		if err := rows.Scan(&i, &x, &c); err != nil {
-			return v, err
+			return err
 		}
 		v.schemas, v.names, v.values, v.called = append(v.schemas, seqs[i].Schema), append(v.names, seqs[i].Name), append(v.values, x), append(v.called, c)
 		v.index = append(v.index, i)
 	}
-	return v, rows.Err()
+	return rows.Err()
 }

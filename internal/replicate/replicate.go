@@ -81,15 +81,22 @@ type Engine struct {
 	// FinalTimeout bounds each statement of the final sync on the target.
 	// Default 10s.
 	FinalTimeout time.Duration
+	// LockBudget bounds the final sync's wait for the writers that captured
+	// a change to finish (the service is paused meanwhile). 0: no bound of
+	// its own.
+	LockBudget time.Duration
 
 	// Keep names target tables (schema.name) whose rows equalled the
 	// source's before the run: they are reloaded in one transaction each
 	// rather than emptied up front, so that an abort leaves them filled.
 	Keep map[string]bool
 
-	// Fingerprint is the source's capture fingerprint (capture.FingerprintSQL)
-	// taken when capture was installed; Final refuses to switch if it changed.
-	Fingerprint string
+	// Shape is the source's shape (schema.Shape) as the run was planned
+	// from, read with ShapeSQL and Exclude; Final refuses to switch if it
+	// changed.
+	Shape    schema.Shape
+	ShapeSQL string
+	Exclude  []string
 	// RefusedNow, if set, selects the refused kinds of objects the source
 	// holds now (schema.Database.RefusedNowSQL): Final refuses to switch if
 	// one appeared during the run.
@@ -108,15 +115,9 @@ var ErrOvertaken = errors.New("this run was overtaken (RESET, or the cluster fai
 // object the preconditions refuse that was not there when they were checked.
 var ErrRefusedAppeared = errors.New("objects that swo cannot move appeared in the old database during the run; RESET (which names them) and EXECUTE again once they are gone")
 
-// FingerprintSQL is the capture fingerprint of the engine's source tables
-// and sequences (capture.Capture.FingerprintSQL).
-func (e *Engine) FingerprintSQL() string {
-	return e.capture().FingerprintSQL(e.Source.Tables, e.Source.Sequences)
-}
-
 // ErrSchemaChanged is returned by Final when the source's tables or capture
 // triggers changed during the run.
-var ErrSchemaChanged = errors.New("the old database's tables or change-capture triggers changed during the run (DDL?): writes may have escaped capture; RESET and EXECUTE again")
+var ErrSchemaChanged = errors.New("the old database's tables or change-capture triggers changed during the run (DDL?): changes may have escaped capture; RESET and EXECUTE again")
 
 // guard runs the Guard in q.
 func (e *Engine) guard(ctx context.Context, q interface {

@@ -167,13 +167,15 @@ func verifySequences(ctx context.Context, src, dst *pgx.ConnConfig, seqs []*sche
 			return nil, err
 		}
 		defer conn.Close(context.Background())
-		rows, err := conn.Query(ctx, sequencesSQL(seqs))
-		if err != nil {
-			return nil, err
-		}
-		v, err := collectSequences(rows, seqs)
-		if err != nil {
-			return nil, err
+		var v seqValues
+		for _, sql := range sequencesSQL(seqs) {
+			rows, err := conn.Query(ctx, sql)
+			if err != nil {
+				return nil, err
+			}
+			if err := v.collect(rows, seqs); err != nil {
+				return nil, err
+			}
 		}
 		// Compared by the value nextval hands out next: the switch leaves
 		// an is_called false sequence of the old database as the value

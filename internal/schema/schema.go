@@ -63,6 +63,10 @@ type Column struct {
 	Generated  bool // stored generated column: computed by the database, never written
 	Identity   byte // 0, 'a' (ALWAYS) or 'd' (BY DEFAULT)
 	HasDefault bool
+	// NamesObjects says that the type is, or contains, a reg* type
+	// (regclass, regtype, …), whose text form names objects relative to
+	// search_path.
+	NamesObjects bool
 	// TextStable says that the type's text form does not depend on session
 	// settings: it is not, and does not contain (through domains, arrays,
 	// ranges, composites), a date/time, interval, floating point, bytea,
@@ -280,6 +284,9 @@ func (d *Database) TableByOID(oid uint32) *Table {
 type Options struct {
 	// LibrarySchema is the library's own schema, never synced.
 	LibrarySchema string
+	// Also, if set, runs at the end of the read, in its transaction (and
+	// so its snapshot), with the database read.
+	Also func(ctx context.Context, tx pgx.Tx, db *Database) error
 }
 
 // Read introspects the database on conn. It runs in its own transaction.
@@ -391,6 +398,12 @@ ORDER BY 1, 2, 3`, opts.LibrarySchema)
 	if db.extensionConfigs, err = extensionConfigTables(ctx, tx); err != nil {
 		return nil, err
 	}
+	if opts.Also != nil {
+		db.AllSequences = db.Sequences
+		if err := opts.Also(ctx, tx, db); err != nil {
+			return nil, err
+		}
+	}
 	db.AllSequences = db.Sequences
 	return db, nil
 }
@@ -430,6 +443,7 @@ ORDER BY a.attrelid, a.attnum`, oids)
 			c.Identity = ident[0]
 		}
 		c.TextStable = types.stable(c.TypeOID, 0)
+		c.NamesObjects = types.namesObjects(c.TypeOID, 0)
 		c.TypeDef = types.def(c.TypeOID, 0)
 		byOID[oid].Columns = append(byOID[oid].Columns, c)
 	}

@@ -34,6 +34,7 @@ type typeNode struct {
 	kind       byte   // pg_type.typtype: b base, c composite, d domain, e enum, r range, m multirange
 	array      bool   // a true array (its element is elem)
 	stableBase bool   // one of stableBase
+	reg        bool   // a reg* type (pg_catalog.regclass, …)
 	name       string // format_type without typmod
 	domainOf   string // a domain's base type with its typmod
 	base, elem uint32 // a domain's base type; an array's (or fixed-length subscripted type's) element
@@ -61,6 +62,7 @@ WITH RECURSIVE walk(t) AS (
 )
 SELECT ty.oid, ty.typtype, ty.typcategory = 'A' AND ty.typelem <> 0,
 	ty.typnamespace = 'pg_catalog'::regnamespace AND ty.typname = ANY($2),
+	ty.typnamespace = 'pg_catalog'::regnamespace AND ty.typname LIKE 'reg%',
 	format_type(ty.oid, NULL),
 	CASE WHEN ty.typtype = 'd' THEN format_type(ty.typbasetype, ty.typtypmod) || CASE WHEN ty.typnotnull THEN ' not null' ELSE '' END ELSE '' END,
 	ty.typbasetype, ty.typelem,
@@ -78,7 +80,7 @@ FROM walk w JOIN pg_type ty ON ty.oid = w.t`, relOIDs, stableBase)
 		var oid uint32
 		var kind string
 		n := &typeNode{}
-		if err := rows.Scan(&oid, &kind, &n.array, &n.stableBase, &n.name, &n.domainOf, &n.base, &n.elem, &n.subtype, &n.attrs, &n.attrTypes); err != nil {
+		if err := rows.Scan(&oid, &kind, &n.array, &n.stableBase, &n.reg, &n.name, &n.domainOf, &n.base, &n.elem, &n.subtype, &n.attrs, &n.attrTypes); err != nil {
 			return nil, err
 		}
 		n.kind = kind[0]
@@ -123,6 +125,24 @@ func (g typeGraph) stable(oid uint32, depth int) bool {
 		}
 	}
 	return true
+}
+
+// namesObjects reports whether the type is or contains a reg* type.
+func (g typeGraph) namesObjects(oid uint32, depth int) bool {
+	n := g[oid]
+	if n == nil || depth > maxTypeDepth {
+		return false
+	}
+	if n.reg {
+		return true
+	}
+	parts := append([]uint32{n.base, n.elem, n.subtype}, n.attrTypes...)
+	for _, p := range parts {
+		if p != 0 && g.namesObjects(p, depth+1) {
+			return true
+		}
+	}
+	return false
 }
 
 // def renders what the type is made of; "" for a type its name describes
