@@ -113,10 +113,7 @@ func TestSequencesFreezeAtTheSwitch(t *testing.T) {
 	}
 	ctx := testCtx(t)
 	oc := pgtest.Connect(t, old.URL)
-	waitFor(t, func() bool { // the leader freezes the sequences right after the switch
-		_, err := oc.Exec(ctx, "SELECT nextval('fresh')")
-		return err != nil
-	})
+	awaitLeader(t, c) // it freezes the sequences right after the switch
 	for _, seq := range []string{"invoice_no", "fresh", "down"} {
 		var pgErr *pgconn.PgError
 		if _, err := oc.Exec(ctx, "SELECT nextval('"+seq+"')"); !errors.As(err, &pgErr) || !strings.Contains(pgErr.Message, "reached") {
