@@ -112,27 +112,6 @@ func (c *Connector) check(ctx context.Context) (*syncRun, error) {
 	}
 	source, target := srcFull.Select(c.cfg.ExcludeTables), dstFull.Select(c.cfg.ExcludeTables)
 	problems = append(problems, schema.Check(source, target, c.cfg.ExcludeTables)...)
-	// Each database's sessions use its own search_path (the new database's
-	// functions and index expressions may need it); values that name
-	// objects (regclass and the other reg* types) are rendered and parsed
-	// relative to it, so they keep their meaning only if both are the same.
-	var oldPath, newPath string
-	if err := src.QueryRow(ctx, "SELECT current_setting('search_path')").Scan(&oldPath); err != nil {
-		return nil, c.scrub(fmt.Errorf("old database: %w", err))
-	}
-	if err := dst.QueryRow(ctx, "SELECT current_setting('search_path')").Scan(&newPath); err != nil {
-		return nil, c.scrub(fmt.Errorf("new database: %w", err))
-	}
-	if oldPath != newPath {
-		for _, t := range source.Tables {
-			for _, col := range t.Columns {
-				if col.NamesObjects {
-					problems = append(problems, schema.Problem{Object: t.String() + "." + col.Name, Issue: fmt.Sprintf(
-						"its values name objects (%s), which read relative to search_path, and the databases' search_path differ (%q in the old, %q in the new): set the same search_path for the role or database in both", col.Type, oldPath, newPath)})
-				}
-			}
-		}
-	}
 	problems = append(problems, schema.CheckReferences(srcFull, c.cfg.ExcludeTables)...)
 	problems = append(problems, schema.CheckReferences(dstFull, c.cfg.ExcludeTables)...)
 	if len(source.Tables) == 0 {

@@ -266,8 +266,8 @@ type FinalResult struct {
 // every transaction that captured a change and blocks any further captured
 // write until srcTx ends, so the source's synced tables are frozen while
 // Final reads them; it checks that capture is intact, that no DDL changed
-// what it captures (the fingerprint) and that no refused kind of object
-// appeared (e.RefusedNow). It applies the remaining changes, carries the
+// what it captures (e.Shape) and that no refused kind of object appeared
+// (e.RefusedNow). It applies the remaining changes, carries the
 // sequences over, restores foreign keys (NOT VALID) and triggers on the
 // target, and commits the target. The caller then runs res.Consume and
 // commits srcTx after marking the switch in it, and then FreezeSequences.
@@ -279,7 +279,7 @@ type FinalResult struct {
 // FreezeSequences closes the gap after the switch.
 func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res FinalResult, err error) {
 	start := time.Now()
-	// Source, one round trip: lock, capture intact, fingerprint, refused
+	// Source, one round trip: lock, capture intact, shape, refused
 	// objects, changes, sequences.
 	var (
 		alive, intact bool
@@ -288,6 +288,10 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 		b             *batch
 		seqs          seqValues
 	)
+	timeout := e.FinalTimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
 	q := &pgx.Batch{}
 	// The lock waits for every writer that captured a change; the service
 	// is paused meanwhile, so the wait has the pause's budget, not the final
@@ -297,8 +301,8 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 		q.Queue(fmt.Sprintf("SET LOCAL lock_timeout = %d", max(e.LockBudget.Milliseconds(), 1)))
 	}
 	q.Queue("LOCK TABLE " + e.capture().ChangesTable() + " IN ACCESS EXCLUSIVE MODE")
-	if e.LockBudget > 0 {
-		q.Queue("SET LOCAL lock_timeout = 0")
+	if e.LockBudget > 0 { // back to the final sync's bound
+		q.Queue(fmt.Sprintf("SET LOCAL lock_timeout = %d", timeout.Milliseconds()))
 	}
 	q.Queue(e.capture().AliveSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&alive) })
 	q.Queue(e.capture().IntactSQL(e.Source.Tables)).QueryRow(func(r pgx.Row) error { return r.Scan(&intact) })
@@ -322,15 +326,15 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 		return res, fmt.Errorf("%w: a capture trigger was dropped or disabled", ErrSchemaChanged)
 	}
 	if e.ShapeSQL != "" {
-		if diff := e.Shape.Diff(shape); len(diff) > 0 {
-			return res, fmt.Errorf("%w: %s", ErrSchemaChanged, abbreviate(diff, 10))
+		if changed := e.Shape.Changed(shape); changed != "" {
+			return res, fmt.Errorf("%w: %s", ErrSchemaChanged, changed)
 		}
 	}
 	if len(refused) > 0 {
 		return res, fmt.Errorf("%w: %s", ErrRefusedAppeared, strings.Join(refused, ", "))
 	}
 	res.seqs = seqs
-	res.Changes, res.Sequences = b.changes, len(seqs.names)
+	res.Changes, res.Sequences = b.changes, len(seqs.index)
 	tables, err := e.tables(b)
 	if err != nil {
 		return res, err
@@ -344,10 +348,6 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 		}
 	}()
 	var recs []undoRecord
-	timeout := e.FinalTimeout
-	if timeout <= 0 {
-		timeout = 10 * time.Second
-	}
 	q = &pgx.Batch{}
 	q.Queue("BEGIN")
 	q.Queue(fmt.Sprintf("SET LOCAL statement_timeout = %d", timeout.Milliseconds()))
@@ -364,8 +364,12 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 		return res, fmt.Errorf("final sync: %w", err)
 	}
 	q = &pgx.Batch{}
-	if len(seqs.names) > 0 {
-		q.Queue(setSequencesSQL, seqs.schemas, seqs.names, seqs.values, seqs.called)
+	if len(seqs.index) > 0 {
+		names := make([]string, len(seqs.index))
+		for i, j := range seqs.index {
+			names[i] = e.Source.Sequences[j].QName()
+		}
+		q.Queue(setSequencesSQL, names, seqs.values, seqs.called)
 	}
 	e.queueFinish(q, recs)
 	q.Queue("COMMIT")
@@ -394,7 +398,7 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 // keeps its bounds. A sequence whose lock is held (a writer's transaction
 // still open) is retried until ctx ends; the error names those left.
 func (e *Engine) FreezeSequences(ctx context.Context, res FinalResult) error {
-	if len(res.seqs.names) == 0 {
+	if len(res.seqs.index) == 0 {
 		return nil
 	}
 	src, err := Connect(ctx, e.Src)
@@ -407,7 +411,7 @@ func (e *Engine) FreezeSequences(ctx context.Context, res FinalResult) error {
 		return err
 	}
 	defer closeQuietly(dst)
-	pending := make([]int, len(res.seqs.names))
+	pending := make([]int, len(res.seqs.index))
 	for i := range pending {
 		pending[i] = i
 	}
@@ -499,23 +503,13 @@ func freezeSequence(ctx context.Context, src, dst *pgx.Conn, s *schema.Sequence,
 	if !steps.IsInt64() || steps.Int64() > catchUpSteps {
 		return fmt.Errorf("the old database handed out %s values after the final sync read it: too many to draw again in the new database; set it forward there by hand", steps)
 	}
-	_, err = dst.Exec(ctx, fmt.Sprintf(`SELECT pg_catalog.max(pg_catalog.nextval(%s)) FROM pg_catalog.generate_series(1, %d)`,
-		quoteLiteral(s.QName()), steps.Int64()))
+	_, err = dst.Exec(ctx, `SELECT pg_catalog.max(pg_catalog.nextval($1::pg_catalog.regclass)) FROM pg_catalog.generate_series(1, $2)`,
+		s.QName(), steps.Int64())
 	if err != nil {
 		return fmt.Errorf("move it forward in the new database: %w", err)
 	}
 	return nil
 }
-
-// abbreviate joins a list, cut after n items.
-func abbreviate(items []string, n int) string {
-	if len(items) <= n {
-		return strings.Join(items, "; ")
-	}
-	return strings.Join(items[:n], "; ") + fmt.Sprintf("; and %d more", len(items)-n)
-}
-
-func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 // sequencesSQL reads the state of the sequences from each sequence itself,
 // as pg_dump does: last_value and is_called. (pg_sequences.last_value is
@@ -536,15 +530,14 @@ func sequencesSQL(seqs []*schema.Sequence) []string {
 	return out
 }
 
-const setSequencesSQL = `SELECT setval(format('%I.%I', s, n)::regclass, v, c)
-FROM unnest($1::text[], $2::text[], $3::int8[], $4::bool[]) AS x(s, n, v, c)`
+const setSequencesSQL = `SELECT setval(n::regclass, v, c)
+FROM unnest($1::text[], $2::int8[], $3::bool[]) AS x(n, v, c)`
 
 // seqValues are the states of sequences, column-wise for setSequencesSQL.
 type seqValues struct {
-	schemas, names []string
-	values         []int64
-	called         []bool
-	index          []int // into the sequences read
+	index  []int // into the sequences read
+	values []int64
+	called []bool
 }
 
 // collect adds the rows of sequencesSQL(seqs) to v.
@@ -557,8 +550,7 @@ func (v *seqValues) collect(rows pgx.Rows, seqs []*schema.Sequence) error {
 		if err := rows.Scan(&i, &x, &c); err != nil {
 			return err
 		}
-		v.schemas, v.names, v.values, v.called = append(v.schemas, seqs[i].Schema), append(v.names, seqs[i].Name), append(v.values, x), append(v.called, c)
-		v.index = append(v.index, i)
+		v.index, v.values, v.called = append(v.index, i), append(v.values, x), append(v.called, c)
 	}
 	return rows.Err()
 }

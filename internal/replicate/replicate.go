@@ -78,8 +78,8 @@ type Engine struct {
 	// MaintenanceWorkMem is set on index-building sessions. Default "128MB".
 	MaintenanceWorkMem string
 
-	// FinalTimeout bounds each statement of the final sync on the target.
-	// Default 10s.
+	// FinalTimeout bounds each statement of the final sync on the target,
+	// and its lock waits on the source after the change table's. Default 10s.
 	FinalTimeout time.Duration
 	// LockBudget bounds the final sync's wait for the writers that captured
 	// a change to finish (the service is paused meanwhile). 0: no bound of

@@ -3,7 +3,6 @@ package replicate
 import (
 	"context"
 	"fmt"
-	"math/big"
 	"sort"
 	"strings"
 
@@ -181,12 +180,8 @@ func verifySequences(ctx context.Context, src, dst *pgx.ConnConfig, seqs []*sche
 		// an is_called false sequence of the old database as the value
 		// before it, is_called true (see freezeSQL), which means the same.
 		out := map[string]string{}
-		for i := range v.names {
-			next := fmt.Sprint(v.values[i])
-			if v.called[i] {
-				next = new(big.Int).Add(big.NewInt(v.values[i]), big.NewInt(seqs[v.index[i]].Increment)).String()
-			}
-			out[schema.Name(v.schemas[i], v.names[i])] = "next value " + next
+		for i, j := range v.index {
+			out[seqs[j].String()] = "next value " + nextValue(v.values[i], v.called[i], seqs[j].Increment).String()
 		}
 		return out, nil
 	}

@@ -79,6 +79,17 @@ func Check(src, dst *Database, exclude []string) Problems {
 			add(name, "rule %s in the new database rewrites DELETE on this table, which the sync uses: drop it for the switchover and create it again after", r)
 		}
 		checkColumns(s, d, add)
+		// Each database's sessions use its own search_path (the new
+		// database's functions and index expressions may need it); values
+		// that name objects read relative to it.
+		if src.SearchPath != dst.SearchPath {
+			for _, col := range s.Columns {
+				if col.NamesObjects {
+					add(name+"."+col.Name, "its values name objects (%s), which read relative to search_path, and the databases' search_path differ (%q in the old, %q in the new): set the same search_path for the role or database in both",
+						col.Type, src.SearchPath, dst.SearchPath)
+				}
+			}
+		}
 		if !slices.Equal(s.PrimaryKey, d.PrimaryKey) {
 			add(name, "primary key (%s) in the old database, (%s) in the new one", strings.Join(s.PrimaryKey, ", "), strings.Join(d.PrimaryKey, ", "))
 		}

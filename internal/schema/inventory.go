@@ -445,6 +445,7 @@ func (d *Database) inventoryProblems(exclude []string) Problems {
 	return ps
 }
 
+// abbreviateList joins names, cut after n of them ("" for none).
 func abbreviateList(names []string, n int) string {
 	if len(names) <= n {
 		return strings.Join(names, ", ")

@@ -239,7 +239,10 @@ type Database struct {
 	Name    string
 	Version int // server_version_num
 	Role    Role
-	Tables  []*Table
+	// SearchPath is the search_path the role's sessions get (the role's
+	// and the database's setting).
+	SearchPath string
+	Tables     []*Table
 	// Partitioned are the partitioned tables (their rows are in Tables).
 	Partitioned []*Table
 	// Sequences are the sequences a sync moves: after Select, those that no
@@ -312,6 +315,10 @@ const notExtensionMember = `NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classi
 
 // read runs the introspection queries in the caller's transaction.
 func read(ctx context.Context, tx pgx.Tx, opts Options) (*Database, error) {
+	var searchPath string // the session's own, before it is pinned below
+	if err := tx.QueryRow(ctx, "SELECT current_setting('search_path')").Scan(&searchPath); err != nil {
+		return nil, err
+	}
 	// row_security off: a policy must not hide a row from the inventory's
 	// probes (it fails them instead, and they count that as rows).
 	// jit off: the catalog queries are quick, but their estimates can be
@@ -319,7 +326,7 @@ func read(ctx context.Context, tx pgx.Tx, opts Options) (*Database, error) {
 	if _, err := tx.Exec(ctx, "SET LOCAL search_path = pg_catalog; SET LOCAL row_security = off; SET LOCAL jit = off"); err != nil {
 		return nil, err
 	}
-	db := &Database{byName: map[string]*Table{}}
+	db := &Database{byName: map[string]*Table{}, SearchPath: searchPath}
 	if err := tx.QueryRow(ctx, `SELECT current_database(), current_setting('server_version_num')::int,
 	current_user, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user`).
 		Scan(&db.Name, &db.Version, &db.Role.Name, &db.Role.Superuser, &db.Role.BypassRLS); err != nil {
@@ -579,11 +586,7 @@ FROM pg_policy p WHERE p.polrelid = ANY($1) ORDER BY p.polrelid, p.polname`, oid
 // extension's configuration sequences, whose state is the user's).
 func readSequences(ctx context.Context, tx pgx.Tx, db *Database, opts Options) error {
 	rows, err := tx.Query(ctx, `
-SELECT c.oid, n.nspname, c.relname,
-	coalesce((SELECT tn.nspname FROM pg_depend d JOIN pg_class tc ON tc.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
-	 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') LIMIT 1), ''),
-	coalesce((SELECT tc.relname FROM pg_depend d JOIN pg_class tc ON tc.oid = d.refobjid
-	 WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') LIMIT 1), ''),
+SELECT c.oid, n.nspname, c.relname, coalesce(owner.nspname, ''), coalesce(owner.relname, ''),
 	ARRAY(SELECT tn.nspname FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid JOIN pg_class tc ON tc.oid = ad.adrelid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
 	 WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid ORDER BY tc.oid)::text[],
 	ARRAY(SELECT tc.relname FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid JOIN pg_class tc ON tc.oid = ad.adrelid
@@ -594,6 +597,8 @@ SELECT c.oid, n.nspname, c.relname,
 	CASE s.seqtypid WHEN 'int2'::regtype THEN 32767 WHEN 'int4'::regtype THEN 2147483647 ELSE 9223372036854775807 END,
 	has_sequence_privilege(c.oid, 'UPDATE'), has_sequence_privilege(c.oid, 'SELECT'), pg_has_role(c.relowner, 'USAGE')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_sequence s ON s.seqrelid = c.oid
+LEFT JOIN LATERAL (SELECT tn.nspname, tc.relname FROM pg_depend d JOIN pg_class tc ON tc.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = tc.relnamespace
+	WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') LIMIT 1) owner ON true
 WHERE c.relkind = 'S' AND c.relpersistence <> 't' AND `+excludedSchemas+`
 	AND (`+notExtensionMember+` OR EXISTS (SELECT 1 FROM pg_extension e WHERE c.oid = ANY(e.extconfig)))
 ORDER BY n.nspname, c.relname`, opts.LibrarySchema)
@@ -694,7 +699,7 @@ GROUP BY 1, 2, 3`)
 // be "*"; a bare name means that table in any schema. The library's schema
 // is never included.
 func (d *Database) Select(exclude []string) *Database {
-	out := &Database{Name: d.Name, Version: d.Version, Role: d.Role, byName: map[string]*Table{},
+	out := &Database{Name: d.Name, Version: d.Version, Role: d.Role, SearchPath: d.SearchPath, byName: map[string]*Table{},
 		AllSequences: d.AllSequences, PartitionedFKs: d.PartitionedFKs, Inventory: d.Inventory, extensionConfigs: d.extensionConfigs}
 	for _, t := range d.Partitioned {
 		if !Excluded(exclude, t.Schema, t.Name) {

@@ -114,8 +114,12 @@ func CollectShape(rows pgx.Rows, exclude []string) (Shape, error) {
 	return s, rows.Err()
 }
 
-// Diff names what changed from s to now ("" entries: none).
-func (s Shape) Diff(now Shape) []string {
+// Changed names what changed from s to now, "" if nothing did.
+func (s Shape) Changed(now Shape) string {
+	return abbreviateList(s.diff(now), 10)
+}
+
+func (s Shape) diff(now Shape) []string {
 	var out []string
 	for k, v := range s {
 		switch w, ok := now[k]; {
