@@ -190,7 +190,11 @@ func BenchmarkInitialCopy(b *testing.B) {
 // cleanupCaptureForBench removes capture from the old database between
 // iterations (the target stays: it is dropped with the test database).
 func (c *Connector) cleanupCaptureForBench(ctx context.Context) error {
-	src, err := replicate.Connect(ctx, c.syncConfig(c.old))
+	cfg, err := c.config(ctx, c.old, roleSync)
+	if err != nil {
+		return err
+	}
+	src, err := replicate.Connect(ctx, cfg)
 	if err != nil {
 		return err
 	}

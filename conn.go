@@ -35,7 +35,7 @@ import (
 // call (database/sql retries it for DB-level calls, not for a *sql.Conn).
 type conn struct {
 	*stdlib.Conn
-	c *Connector
+	r *router
 
 	state     atomic.Int32
 	closeOnce sync.Once
@@ -170,7 +170,7 @@ func (cn *conn) Ping(ctx context.Context) error {
 // Close implements driver.Conn.
 func (cn *conn) Close() error {
 	err := cn.closePhysical()
-	cn.c.forget(cn)
+	cn.r.forget(cn)
 	return err
 }
 

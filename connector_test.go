@@ -23,9 +23,6 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	// Shorter heartbeats keep the fault tests quick; the timeout still leaves
-	// room for a loaded CI machine.
-	heartbeatEvery, nodeTimeout, pollEvery = 250*time.Millisecond, 3*time.Second, 250*time.Millisecond
 	if os.Getenv(envChild) != "" {
 		os.Exit(runChildNode()) // this process is a node of TestSeparateProcesses
 	}
@@ -72,8 +69,15 @@ func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
+// testTimings are shorter heartbeats, which keep the fault tests quick; the
+// timeout still leaves room for a loaded CI machine.
+var testTimings = timings{heartbeat: 250 * time.Millisecond, timeout: 3 * time.Second, poll: 250 * time.Millisecond, recheck: 5 * time.Second}
+
 func newConnector(t testing.TB, cfg Config) *Connector {
 	t.Helper()
+	if cfg.timing == (timings{}) {
+		cfg.timing = testTimings
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = testLogger(t)
 	}
@@ -108,7 +112,7 @@ func flip(t testing.TB, old, next *pgtest.Database, connectors ...*Connector) {
 	t.Helper()
 	ctx := testCtx(t)
 	for _, c := range connectors {
-		c.pause(time.Now().Add(30 * time.Second))
+		c.router.pause(time.Now().Add(30 * time.Second))
 	}
 	keys := newLockKeys("swo")
 	oc := pgtest.Connect(t, old.URL)
@@ -548,7 +552,7 @@ func TestPauseMakesConnectWaitAndResumeReleasesIt(t *testing.T) {
 	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
 	db := openDB(t, c)
 	dbName(t, db) // one pooled connection
-	c.pause(time.Now().Add(time.Minute))
+	c.router.pause(time.Now().Add(time.Minute))
 	// The pooled connection was closed at once: its lock is free.
 	oc := pgtest.Connect(t, old.URL)
 	var got bool
@@ -572,18 +576,18 @@ func TestPauseMakesConnectWaitAndResumeReleasesIt(t *testing.T) {
 		t.Fatalf("query ran during the pause (err=%v)", err)
 	case <-time.After(200 * time.Millisecond):
 	}
-	c.resume()
+	c.router.resume()
 	if err := <-done; err != nil {
 		t.Fatalf("query after resume: %v", err)
 	}
 	// A waiting Connect honours its context.
-	c.pause(time.Now().Add(time.Minute))
+	c.router.pause(time.Now().Add(time.Minute))
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	if _, err := db.ExecContext(ctx, "SELECT 1"); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("err = %v, want deadline exceeded", err)
 	}
-	c.resume()
+	c.router.resume()
 }
 
 func TestPauseEndsByItselfAtItsDeadline(t *testing.T) {
@@ -591,7 +595,7 @@ func TestPauseEndsByItselfAtItsDeadline(t *testing.T) {
 	next := pgtest.NewDatabase(t)
 	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
 	db := openDB(t, c)
-	c.pause(time.Now().Add(150 * time.Millisecond))
+	c.router.pause(time.Now().Add(150 * time.Millisecond))
 	start := time.Now()
 	if got := dbName(t, db); got != old.Name {
 		t.Fatalf("reached %s", got)
@@ -615,7 +619,7 @@ func TestBusyConnectionFinishesItsTransactionDuringThePause(t *testing.T) {
 	if _, err := tx.ExecContext(ctx, "INSERT INTO t VALUES (1)"); err != nil {
 		t.Fatal(err)
 	}
-	c.pause(time.Now().Add(time.Minute))
+	c.router.pause(time.Now().Add(time.Minute))
 	// The transaction's connection is busy: it is not cut.
 	if _, err := tx.ExecContext(ctx, "INSERT INTO t VALUES (2)"); err != nil {
 		t.Fatalf("in-flight transaction broken by the pause: %v", err)
@@ -636,7 +640,7 @@ func TestBusyConnectionFinishesItsTransactionDuringThePause(t *testing.T) {
 	if err := oc.QueryRow(ctx, "SELECT count(*) FROM t").Scan(&n); err != nil || n != 2 {
 		t.Fatalf("rows = %d, %v", n, err)
 	}
-	c.resume()
+	c.router.resume()
 }
 
 func TestDriverOpenRefusesConnectionStrings(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -13,39 +14,44 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgswo/swo/internal/capture"
-	"github.com/pgswo/swo/internal/dsn"
-	"github.com/pgswo/swo/internal/meta"
 	"github.com/pgswo/swo/internal/msglog"
 	"github.com/pgswo/swo/internal/replicate"
 	"github.com/pgswo/swo/internal/schema"
 )
 
-// Data sync orchestration. A run goes:
+// The leader's run, and the data sync it drives.
 //
-//	check        read both schemas; list every precondition problem (R6)
-//	checkTarget  refuse a target holding rows that differ from the source's (R5)
-//	startCapture triggers on the old database record changed keys (R7)
+// Words, each for one span of time:
+//
+//	run          from EXECUTE to "done" or "failed": what one node leads
+//	sync         the run while the service works normally: check, capture,
+//	             initial copy, incremental rounds (state syncing)
+//	window       the stop-the-world part: from the pause announcement to the
+//	             commit (states pausing, then executing once the leader holds
+//	             the connection lock)
+//	final sync   the last round, inside the window
+//	commit       the one transaction on the old database that consumes the
+//	             last changes, marks the database obsolete and logs "done"
+//	after switch sealing the old database, validating the new one's keys
+//
+// The data sync's steps, in order:
+//
+//	check        read both schemas; list every precondition problem
+//	checkTarget  refuse a target holding rows that differ from the source's
+//	startCapture triggers on the old database record changed keys
 //	prepare      the target loses its indexes, keys and triggers for the load
 //	initialCopy  every table, in parallel, from one snapshot taken after capture began
 //	catchUp      incremental rounds until the backlog is small
-//	final        inside the pause: last round, sequences, keys and triggers back
+//	final        inside the window: last round, sequences, keys and triggers back
 //	finish       after the switch: validate foreign keys
 //
 // and cleanup undoes everything a run installed, from any point, on any node.
 // The mechanics live in internal/schema, internal/capture and
 // internal/replicate; their package docs hold the correctness arguments.
 
-// ErrPreconditions is wrapped by the error listing precondition problems; the
-// error's text names every object at fault.
-var ErrPreconditions = errors.New("swo: preconditions not met")
-
-// ErrTargetNotEmpty is wrapped when the new database holds rows that differ
-// from the old database's and Config.AllowClearTarget is not set.
-var ErrTargetNotEmpty = errors.New("swo: the new database holds data that would be lost")
-
 // syncRun is one data sync from the old to the next database.
 type syncRun struct {
-	c   *Connector
+	c   *common
 	eng *replicate.Engine
 	cap capture.Capture
 	// keep names target tables whose rows equalled the source's before the
@@ -53,20 +59,19 @@ type syncRun struct {
 	keep map[string]bool
 }
 
-// syncConfig returns the pgx settings of the library's sync sessions.
-func (c *Connector) syncConfig(e *endpoint) *pgx.ConnConfig { return c.roleConfig(e, roleSync) }
-
-func (c *Connector) roleConfig(e *endpoint, role string) *pgx.ConnConfig {
-	cfg := e.cfg.Copy()
-	cfg.RuntimeParams["application_name"] = c.appName(e, role)
-	return cfg
-}
-
-// check reads both schemas and returns a run ready to start, or an error
-// wrapping ErrPreconditions that lists every problem.
-func (c *Connector) check(ctx context.Context) (*syncRun, error) {
+// check reads both schemas and returns a run ready to start, or a
+// *PreconditionError that lists every problem.
+func (c *common) check(ctx context.Context) (*syncRun, error) {
 	if c.next == nil {
-		return nil, fmt.Errorf("%w: no --db-url-next configured", ErrConfig)
+		return nil, fmt.Errorf("%w: no NextURL (--db-url-next) configured", ErrConfig)
+	}
+	srcCfg, err := c.config(ctx, c.old, roleSync)
+	if err != nil {
+		return nil, err
+	}
+	dstCfg, err := c.config(ctx, c.next, roleSync)
+	if err != nil {
+		return nil, err
 	}
 	src, err := c.connect(ctx, c.old, roleSync)
 	if err != nil {
@@ -80,10 +85,10 @@ func (c *Connector) check(ctx context.Context) (*syncRun, error) {
 	defer dst.Close(context.Background())
 
 	var problems schema.Problems
-	if same, err := c.sameDatabase(ctx, src, dst); err != nil {
+	if same, err := sameDatabase(ctx, src, dst); err != nil {
 		return nil, err
 	} else if same {
-		problems = append(problems, schema.Problem{Object: "database", Issue: "--db-url and --db-url-next reach the same database"})
+		problems = append(problems, schema.Problem{Object: "database", Issue: "--db-url and --db-url-next (Config.OldURL and Config.NextURL) reach the same database"})
 	}
 	opts := schema.Options{LibrarySchema: c.cfg.Namespace}
 	// The shape the final sync compares against is taken in the snapshot
@@ -104,43 +109,37 @@ func (c *Connector) check(ctx context.Context) (*syncRun, error) {
 	}
 	srcFull, err := schema.Read(ctx, src, srcOpts)
 	if err != nil {
-		return nil, c.scrub(fmt.Errorf("old database: %w", err))
+		return nil, fmt.Errorf("old database: %w", err)
 	}
 	dstFull, err := schema.Read(ctx, dst, opts)
 	if err != nil {
-		return nil, c.scrub(fmt.Errorf("new database: %w", err))
+		return nil, fmt.Errorf("new database: %w", err)
 	}
 	source, target := srcFull.Select(c.cfg.ExcludeTables), dstFull.Select(c.cfg.ExcludeTables)
 	problems = append(problems, schema.Check(source, target, c.cfg.ExcludeTables)...)
 	problems = append(problems, schema.CheckReferences(srcFull, c.cfg.ExcludeTables)...)
 	problems = append(problems, schema.CheckReferences(dstFull, c.cfg.ExcludeTables)...)
 	if len(source.Tables) == 0 {
-		problems = append(problems, schema.Problem{Object: "database", Issue: "the old database has no tables to move (all excluded?)"})
+		problems = append(problems, schema.Problem{Object: "database", Issue: "the old database has no tables to move (all excluded by Config.ExcludeTables?)"})
 	}
 	if len(problems) > 0 {
-		return nil, fmt.Errorf("%w: %w", ErrPreconditions, problems)
+		probs := make([]Problem, len(problems))
+		for i, p := range problems {
+			probs[i] = Problem{Object: p.Object, Issue: p.Issue}
+		}
+		return nil, preconditions(probs)
 	}
 	return &syncRun{
 		c:   c,
 		cap: capture.Capture{Schema: c.cfg.Namespace},
 		eng: &replicate.Engine{
-			Src: c.syncConfig(c.old), Dst: c.syncConfig(c.next), SourceID: c.old.info.ID,
+			Src: srcCfg, Dst: dstCfg, SourceID: c.old.Info().ID,
 			Schema: c.cfg.Namespace, Source: source, Target: target,
 			RefusedNow: srcFull.RefusedNowSQL(c.cfg.ExcludeTables),
 			Shape:      shape, ShapeSQL: shapeSQL, Exclude: c.cfg.ExcludeTables,
 			Workers: c.cfg.SyncWorkers, Log: c.log, Progress: &replicate.Progress{},
 		},
 	}, nil
-}
-
-// sameDatabase tells, by a live session check, whether the two connections
-// reach one database (whatever their identities say).
-func (c *Connector) sameDatabase(ctx context.Context, a, b *pgx.Conn) (bool, error) {
-	sess, err := meta.CurrentSession(ctx, a)
-	if err != nil {
-		return false, err
-	}
-	return meta.SeesSession(ctx, b, sess)
 }
 
 // checkTarget refuses (R5) a target whose tables hold rows that differ from
@@ -150,7 +149,7 @@ func (c *Connector) sameDatabase(ctx context.Context, a, b *pgx.Conn) (bool, err
 func (r *syncRun) checkTarget(ctx context.Context) error {
 	dst, err := replicate.Connect(ctx, r.eng.Dst)
 	if err != nil {
-		return r.c.scrub(err)
+		return err
 	}
 	defer dst.Close(context.Background())
 	var targets []*schema.Table
@@ -170,7 +169,7 @@ func (r *syncRun) checkTarget(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	ours := info.FilledFrom == r.c.old.info.ID && info.FilledFrom != uuid.Nil
+	ours := info.FilledFrom == r.c.old.Info().ID && info.FilledFrom != uuid.Nil
 	only := *r.eng.Source
 	only.Tables, only.Sequences = nil, nil
 	for _, t := range r.eng.Source.Tables {
@@ -193,7 +192,7 @@ func (r *syncRun) checkTarget(ctx context.Context) error {
 	sort.Strings(differ)
 	if len(differ) > 0 && !ours && !r.c.cfg.AllowClearTarget {
 		return fmt.Errorf("%w: tables in %s hold rows that differ from the old database's and were not written by swo: %v; "+
-			"empty them, or set Config.AllowClearTarget to let the switchover clear them", ErrTargetNotEmpty, dsn.Describe(r.c.next.cfg), differ)
+			"empty them, or set Config.AllowClearTarget to let the switchover clear them", ErrTargetNotEmpty, r.c.next.describe(), differ)
 	}
 	return nil
 }
@@ -202,7 +201,7 @@ func (r *syncRun) checkTarget(ctx context.Context) error {
 func (r *syncRun) startCapture(ctx context.Context) error {
 	conn, err := replicate.Connect(ctx, r.eng.Src)
 	if err != nil {
-		return r.c.scrub(err)
+		return err
 	}
 	defer conn.Close(context.Background())
 	return r.cap.Install(ctx, conn, r.eng.Source.Tables, capture.Options{Timeout: r.c.cfg.CaptureTimeout})
@@ -213,11 +212,11 @@ func (r *syncRun) startCapture(ctx context.Context) error {
 func (r *syncRun) prepare(ctx context.Context) error {
 	conn, err := replicate.Connect(ctx, r.eng.Dst)
 	if err != nil {
-		return r.c.scrub(err)
+		return err
 	}
 	defer conn.Close(context.Background())
-	mark := fmt.Sprintf("UPDATE %s SET filled_from = '%s'", r.c.meta.Table("meta"), r.c.old.info.ID)
-	return r.eng.Prepare(ctx, conn, mark)
+	from := r.c.old.Info().ID
+	return r.eng.Prepare(ctx, conn, func(ctx context.Context, tx pgx.Tx) error { return r.c.meta.SetFilledFrom(ctx, tx, from) })
 }
 
 // initialCopy copies the data, rebuilds the target's indexes and computes
@@ -240,7 +239,7 @@ func (r *syncRun) sealPartitioned(ctx context.Context) error {
 	}
 	conn, err := replicate.Connect(ctx, r.eng.Src)
 	if err != nil {
-		return r.c.scrub(err)
+		return err
 	}
 	defer conn.Close(context.Background())
 	return r.cap.SealPartitioned(ctx, conn, r.eng.Source.Partitioned, capture.Options{Timeout: r.c.cfg.CaptureTimeout})
@@ -254,7 +253,7 @@ func (r *syncRun) refusedNow(ctx context.Context) error {
 	}
 	conn, err := replicate.Connect(ctx, r.eng.Src)
 	if err != nil {
-		return r.c.scrub(err)
+		return err
 	}
 	defer conn.Close(context.Background())
 	var refused []string
@@ -269,7 +268,7 @@ func (r *syncRun) refusedNow(ctx context.Context) error {
 
 // changeTableBlockers names the sessions and prepared transactions holding
 // locks on the change table of the old database.
-func (c *Connector) changeTableBlockers() string {
+func (c *common) changeTableBlockers() string {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	conn, err := c.connect(ctx, c.old, roleCtl)
@@ -288,12 +287,12 @@ func (c *Connector) changeTableBlockers() string {
 func (r *syncRun) catchUp(ctx context.Context) error {
 	src, err := replicate.Connect(ctx, r.eng.Src)
 	if err != nil {
-		return r.c.scrub(err)
+		return err
 	}
 	defer src.Close(context.Background())
 	dst, err := replicate.Connect(ctx, r.eng.Dst)
 	if err != nil {
-		return r.c.scrub(err)
+		return err
 	}
 	defer dst.Close(context.Background())
 	return r.eng.CatchUp(ctx, src, dst, 100*time.Millisecond)
@@ -315,15 +314,23 @@ func (r *syncRun) final(ctx context.Context, oldTx pgx.Tx, dst *pgx.Conn) (repli
 // it needs no state from the run, so RESET can call it on any node. It
 // refuses once the old database says the switch committed: the new database
 // is live then, and capture on the old one enforces its obsolescence.
-func (c *Connector) cleanup(ctx context.Context) error {
-	src, err := replicate.Connect(ctx, c.syncConfig(c.old))
+func (c *common) cleanup(ctx context.Context) error {
+	srcCfg, err := c.config(ctx, c.old, roleSync)
 	if err != nil {
-		return c.scrub(err)
+		return err
+	}
+	dstCfg, err := c.config(ctx, c.next, roleSync)
+	if err != nil {
+		return err
+	}
+	src, err := replicate.Connect(ctx, srcCfg)
+	if err != nil {
+		return err
 	}
 	defer src.Close(context.Background())
 	info, _, err := c.meta.Read(ctx, src)
 	if err != nil {
-		return c.scrub(fmt.Errorf("old database: %w", err))
+		return fmt.Errorf("old database: %w", err)
 	}
 	if info.Obsolete() {
 		return fmt.Errorf("%w: the switch has committed; nothing is cleaned up", ErrObsolete)
@@ -334,23 +341,33 @@ func (c *Connector) cleanup(ctx context.Context) error {
 	}
 	// Once the loaded rows are gone, the new database no longer holds data of
 	// a run: clearing it again needs the R5 check.
-	unmark := fmt.Sprintf("UPDATE %s SET filled_from = NULL", c.meta.Table("meta"))
-	if err := replicate.Undo(ctx, c.syncConfig(c.next), c.cfg.Namespace, c.old.info.ID, unmark); err != nil {
+	unmark := func(ctx context.Context, tx pgx.Tx) error { return c.meta.SetFilledFrom(ctx, tx, uuid.Nil) }
+	if err := replicate.Undo(ctx, dstCfg, c.cfg.Namespace, c.old.Info().ID, unmark); err != nil {
 		errs = append(errs, fmt.Errorf("new database: %w", err))
 	}
-	return c.scrub(errors.Join(errs...))
+	return errors.Join(errs...)
 }
 
-// VerifyReport is the result of Verify.
-type VerifyReport = replicate.Report
-
-// Verify compares every synced table between the old and the new database
-// (R10): row counts and content digests, computed in the databases. Run it
-// after a switch, before the service writes much to the new database: it
-// compares current contents.
+// Verify compares every moved table and sequence between the old and the
+// new database: row counts and content digests, computed in the databases.
+// Run it after a switch, before the service writes much to the new
+// database: it compares current contents.
 func (c *Connector) Verify(ctx context.Context) (VerifyReport, error) {
+	rep, err := c.verify(ctx)
+	return rep, c.public(err)
+}
+
+func (c *common) verify(ctx context.Context) (VerifyReport, error) {
 	if c.next == nil {
-		return VerifyReport{}, fmt.Errorf("%w: Verify needs --db-url-next", ErrConfig)
+		return VerifyReport{}, fmt.Errorf("%w: Verify needs NextURL (--db-url-next)", ErrConfig)
+	}
+	srcCfg, err := c.config(ctx, c.old, roleVerify)
+	if err != nil {
+		return VerifyReport{}, err
+	}
+	dstCfg, err := c.config(ctx, c.next, roleVerify)
+	if err != nil {
+		return VerifyReport{}, err
 	}
 	src, err := c.connect(ctx, c.old, roleVerify)
 	if err != nil {
@@ -365,66 +382,91 @@ func (c *Connector) Verify(ctx context.Context) (VerifyReport, error) {
 	opts := schema.Options{LibrarySchema: c.cfg.Namespace}
 	source, err := schema.Read(ctx, src, opts)
 	if err != nil {
-		return VerifyReport{}, c.scrub(err)
+		return VerifyReport{}, err
 	}
 	target, err := schema.Read(ctx, dst, opts)
 	if err != nil {
-		return VerifyReport{}, c.scrub(err)
+		return VerifyReport{}, err
 	}
-	rep, err := replicate.Verify(ctx, c.roleConfig(c.old, roleVerify), c.roleConfig(c.next, roleVerify),
-		source.Select(c.cfg.ExcludeTables), target.Select(c.cfg.ExcludeTables), c.cfg.SyncWorkers)
-	return rep, c.scrub(err)
+	rep, err := replicate.Verify(ctx, srcCfg, dstCfg, source.Select(c.cfg.ExcludeTables), target.Select(c.cfg.ExcludeTables), c.cfg.SyncWorkers)
+	return verifyReport(rep), err
 }
 
-// ---- The leader's run: sync, pause, final sync, commit ----
+// ---- The leader: the runs this node leads ----
 
 // prepareFor is how long the leader gives nodes, between announcing the
 // pause and starting it, to open their connections to the new database.
 const prepareFor = 300 * time.Millisecond
 
-// leaderRun is the execution this node leads.
+// afterSwitchTimeout bounds the leader's work after the switch (sealing the
+// old database, validating foreign keys).
+const afterSwitchTimeout = 5 * time.Minute
+
+// leader starts and stops the runs this node leads.
+//
+// Goroutines: one per run it leads (leaderRun.lead), started when the node
+// sees EXECUTE name it, ended by the run's outcome, a RESET, a failure
+// declared by another node, or Close.
+//
+// Lock order: leader.mu is a leaf; it is taken under the node's reactMu.
+type leader struct {
+	*common
+	node *node
+
+	// testHook, if set, is called at each phase boundary of a run; tests use
+	// it to inject faults at exact points.
+	testHook func(ctx context.Context, phase string)
+
+	mu      sync.Mutex
+	running *leaderRun // the run this node leads, if any
+	closed  bool
+}
+
+// leaderRun is one run this node leads.
 type leaderRun struct {
+	*leader
 	run      int64
 	cancel   context.CancelFunc
 	done     chan struct{}
 	progress *replicate.Progress
+
+	sess *pgx.Conn // holds the exec lock for the whole run; the connection lock in the window
+	sync *syncRun
+	dst  *pgx.Conn // the final sync's session on the new database, opened before the window
 }
 
-// Progress is the progress of a run's current phase (R11).
-type Progress = replicate.Snapshot
-
-// startLeading starts leading the run, unless already doing so.
-func (c *Connector) startLeading(run int64) {
-	c.leadMu.Lock()
-	defer c.leadMu.Unlock()
-	if c.closed.Load() || (c.leading != nil && c.leading.run == run) {
+// start starts leading the run, unless already doing so.
+func (l *leader) start(run int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed || (l.running != nil && l.running.run == run) {
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	lr := &leaderRun{run: run, cancel: cancel, done: make(chan struct{}), progress: &replicate.Progress{}}
-	c.leading = lr
+	lr := &leaderRun{leader: l, run: run, cancel: cancel, done: make(chan struct{}), progress: &replicate.Progress{}}
+	l.running = lr
 	go func() {
 		defer func() {
-			c.leadMu.Lock()
-			if c.leading == lr {
-				c.leading = nil
+			l.mu.Lock()
+			if l.running == lr {
+				l.running = nil
 			}
-			c.leadMu.Unlock()
+			l.mu.Unlock()
 			close(lr.done)
 		}()
-		c.lead(ctx, lr)
+		lr.lead(ctx)
 	}()
 }
 
-// stopLeading cancels the run this node leads (a RESET came, the run was
-// failed, or Close): its sessions end, which releases its locks; the
-// resetter cleans up. wait waits for the run's goroutine to end (Close only:
-// the run may itself be waiting to observe a message).
-func (c *Connector) stopLeading(wait bool) {
-	c.leadMu.Lock()
-	lr := c.leading
-	c.leading = nil
-	c.leadMu.Unlock()
+// stop cancels the run this node leads (a RESET came, the run was failed,
+// or Close): its sessions end, which releases its locks; the resetter cleans
+// up. wait waits for the run's goroutine to end (Close only: the run may
+// itself be waiting to observe a message).
+func (l *leader) stop(wait bool) {
+	l.mu.Lock()
+	lr := l.running
+	l.running = nil
+	l.mu.Unlock()
 	if lr != nil {
 		lr.cancel()
 		if wait {
@@ -433,68 +475,332 @@ func (c *Connector) stopLeading(wait bool) {
 	}
 }
 
-func (c *Connector) leaderProgress() *Progress {
-	c.leadMu.Lock()
-	defer c.leadMu.Unlock()
-	if c.leading == nil {
+// close stops leading for good.
+func (l *leader) close() {
+	l.mu.Lock()
+	l.closed = true
+	l.mu.Unlock()
+	l.stop(true)
+}
+
+// leads reports whether this node is leading the run.
+func (l *leader) leads(run int64) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.running != nil && l.running.run == run
+}
+
+// progress returns the progress of the run this node leads, if any.
+func (l *leader) progress() *Progress {
+	l.mu.Lock()
+	lr := l.running
+	l.mu.Unlock()
+	if lr == nil {
 		return nil
 	}
-	p := c.leading.progress.Snapshot()
+	p := progressOf(lr.progress.Snapshot())
 	return &p
 }
 
-// lead runs the execution. It holds the exec lock throughout, on its own
-// session, so that no RESET cleans up under its feet and no other leader can
-// run. If the run fails (rather than being cancelled by a RESET), it reports
-// the failure, which resumes every node on the old database, and cleans up,
-// still under the exec lock.
-func (c *Connector) lead(ctx context.Context, lr *leaderRun) {
-	sess, err := c.connect(ctx, c.old, roleLock)
-	if err != nil {
-		c.leadFailed(lr, nil, err)
-		return
-	}
-	defer closeBounded(sess)
-	if err := c.keys.lockExclusive(ctx, sess, lockExec, 30*time.Second); err != nil {
-		c.leadFailed(lr, nil, fmt.Errorf("take the execution lock (held by %s): %w", c.keys.holders(ctx, sess, lockExec), err))
-		return
-	}
-	if err := c.execute(ctx, lr, sess); err != nil && ctx.Err() == nil {
-		c.leadFailed(lr, sess, err)
+// at calls the test hook at a phase boundary of the leader's run.
+func (l *leader) at(ctx context.Context, phase string) {
+	if l.testHook != nil {
+		l.testHook(ctx, phase)
 	}
 }
 
-// leadFailed reports a failed run and, if sess still holds the exec lock,
-// cleans up under it.
-func (c *Connector) leadFailed(lr *leaderRun, sess *pgx.Conn, err error) {
-	err = c.scrub(err)
-	c.noteErr(fmt.Errorf("swo: execution failed: %w", err))
+// lead runs the run: sync, window, commit, after the switch. It holds the
+// exec lock throughout, on its own session, so that no RESET cleans up under
+// its feet and no other leader can run. If the run fails (rather than being
+// cancelled by a RESET), it reports the failure, which resumes every node on
+// the old database, and cleans up, still under the exec lock.
+func (lr *leaderRun) lead(ctx context.Context) {
+	sess, err := lr.connect(ctx, lr.old, roleLock)
+	if err != nil {
+		lr.failed(err)
+		return
+	}
+	defer closeBounded(sess)
+	if err := lr.keys.lockExclusive(ctx, sess, lockExec, 30*time.Second); err != nil {
+		lr.failed(fmt.Errorf("take the execution lock (held by %s): %w", lr.keys.holders(ctx, sess, lockExec), err))
+		return
+	}
+	lr.sess = sess
+	err = lr.steps(ctx)
+	if lr.dst != nil {
+		closeBounded(lr.dst)
+	}
+	if err != nil && ctx.Err() == nil {
+		lr.failed(err)
+	}
+}
+
+// steps are the run, in order.
+func (lr *leaderRun) steps(leadCtx context.Context) error {
+	if err := lr.syncData(leadCtx); err != nil {
+		return err
+	}
+	if err := lr.announce(leadCtx); err != nil {
+		return err
+	}
+	// The window has a deadline on both sides: here, and on the server,
+	// which ends the leader's session (and so the window) if this process
+	// stalls inside it.
+	window := lr.cfg.PauseBudget + lr.cfg.FinalTimeout + 5*time.Second
+	ctx, cancel := context.WithTimeout(leadCtx, window)
+	defer cancel()
+	defer func() { // after the commit, or on a failure: the window ends (unlocking a lock not held is harmless)
+		uctx, ucancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer ucancel()
+		_ = lr.keys.unlock(uctx, lr.sess, lockConn)
+	}()
+	pauseStart, err := lr.pause(ctx, window)
+	if err != nil {
+		return err
+	}
+	res, err := lr.commit(ctx, pauseStart)
+	if err != nil {
+		return err
+	}
+	cancel()
+	// After the switch, without blocking the service: outside the window's
+	// deadline, but bounded, and ended by Close.
+	after, afterCancel := context.WithTimeout(leadCtx, afterSwitchTimeout)
+	defer afterCancel()
+	lr.afterSwitch(after, res)
+	return nil
+}
+
+// stillRunning refuses an append unless the last message is the run's kind.
+func (lr *leaderRun) stillRunning(kind string) func(*msglog.Message) error {
+	return func(last *msglog.Message) error {
+		if last == nil || last.Run != lr.run || last.Kind != kind {
+			return errors.New("the run was reset or failed meanwhile")
+		}
+		return nil
+	}
+}
+
+// appendObserved appends a message of the run on the leader's session and
+// applies it at once: the append checked that it follows what the node has
+// seen, so it need not wait for the notification.
+func (lr *leaderRun) appendObserved(ctx context.Context, kind string, data any, after string) error {
+	m, err := lr.node.msgs.Append(ctx, lr.sess, lr.node.id, kind, lr.run, data, lr.stillRunning(after))
+	if err != nil {
+		return err
+	}
+	lr.node.observe(m)
+	return nil
+}
+
+// syncData is the sync: the data moves while the service runs. The guard
+// stops every sync step of this run as soon as the leader's session no
+// longer holds the exec lock (a RESET took over).
+func (lr *leaderRun) syncData(ctx context.Context) error {
+	r, err := lr.check(ctx)
+	if err != nil {
+		return err
+	}
+	lr.sync = r
+	r.eng.Progress = lr.progress
+	r.eng.FinalTimeout = lr.cfg.FinalTimeout
+	r.eng.LockBudget = lr.cfg.PauseBudget
+	r.eng.Guard = fmt.Sprintf("SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE %s AND l.granted AND l.pid = %d)",
+		lr.keys.on(lockExec), lr.sess.PgConn().PID())
+	for _, step := range []struct {
+		name string
+		fn   func(context.Context) error
+	}{
+		{"check the new database's content", r.checkTarget},
+		{"start change capture", r.startCapture},
+		{"prepare the new database", r.prepare},
+		{"initial copy", r.initialCopy},
+		{"incremental sync", r.catchUp},
+	} {
+		if err := step.fn(ctx); err != nil {
+			return fmt.Errorf("%s: %w", step.name, err)
+		}
+		lr.at(ctx, step.name)
+	}
+	lr.dst, err = replicate.Connect(ctx, r.eng.Dst) // opened now: the window should not wait for it
+	if err != nil {
+		return err
+	}
+	// A refused kind of object that appeared during the run (a prepared
+	// transaction holding the change table, say) would make the final sync
+	// refuse anyway: say so before the service pauses for nothing.
+	return r.refusedNow(ctx)
+}
+
+// announce tells the nodes that the pause is near, so that they open their
+// connections to the new database now, and catches up meanwhile.
+func (lr *leaderRun) announce(ctx context.Context) error {
+	if err := lr.appendObserved(ctx, msglog.KindPrepare, nil, msglog.KindExecute); err != nil {
+		return err
+	}
+	warmUntil := time.Now().Add(prepareFor)
+	if err := lr.sync.catchUp(ctx); err != nil {
+		return fmt.Errorf("incremental sync: %w", err)
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(time.Until(warmUntil)):
+	}
+	if err := lr.sync.catchUp(ctx); err != nil {
+		return fmt.Errorf("incremental sync: %w", err)
+	}
+	return nil
+}
+
+// pause opens the window: every node drains, and the connection lock comes
+// when the last application connection to the old database has gone. On
+// success the leader's session holds the connection lock.
+func (lr *leaderRun) pause(ctx context.Context, window time.Duration) (time.Time, error) {
+	budget, finalBudget := lr.cfg.PauseBudget, lr.cfg.FinalTimeout
+	if _, err := lr.sess.Exec(ctx, `SELECT set_config('idle_in_transaction_session_timeout', $1, false),
+	CASE WHEN current_setting('server_version_num')::int >= 140000 THEN set_config('idle_session_timeout', $1, false) END`,
+		fmt.Sprintf("%dms", window.Milliseconds())); err != nil {
+		return time.Time{}, err
+	}
+	lr.progress.SetPhase(string(PhasePausing), 0, 0)
+	start := time.Now()
+	if err := lr.appendObserved(ctx, msglog.KindPause, pauseData{BudgetMS: budget.Milliseconds(), FinalMS: finalBudget.Milliseconds()}, msglog.KindPrepare); err != nil {
+		return start, err
+	}
+	lr.log.Debug("pause announced", "after", time.Since(start))
+	lr.at(ctx, "pausing")
+	if err := lr.keys.lockExclusive(ctx, lr.sess, lockConn, budget); err != nil {
+		if errors.Is(err, errLockTimeout) {
+			return start, fmt.Errorf("%w (Config.PauseBudget %v): application connections to the old database still open: %s", ErrPauseBudget, budget,
+				lr.keys.holders(ctx, lr.sess, lockConn))
+		}
+		return start, err
+	}
+	if err := lr.strayApplicationSessions(ctx); err != nil {
+		return start, err
+	}
+	if err := lr.appendObserved(ctx, msglog.KindExecuting, nil, msglog.KindPause); err != nil {
+		return start, err
+	}
+	lr.log.Debug("connection lock taken", "after", time.Since(start))
+	lr.at(ctx, "locked")
+	return start, nil
+}
+
+// commit makes the final sync and commits the switch: one transaction on
+// the old database, which
+//
+//  1. locks the change table and reads the last changes (READ COMMITTED,
+//     pinned: the reads are sent, and under REPEATABLE READ would take their
+//     snapshot, before the LOCK has waited for the last writers, whose
+//     changes they must see),
+//  2. applies them to the new database and commits there (replicate's Final),
+//  3. consumes the changes, marks the old database obsolete (switched_to),
+//     makes it refuse writes, and appends "done" to the log,
+//  4. commits with synchronous_commit on: the switch must survive a crash of
+//     the old database.
+//
+// Its COMMIT is the switch: every node reads the mark or the "done" message.
+func (lr *leaderRun) commit(ctx context.Context, pauseStart time.Time) (replicate.FinalResult, error) {
+	budget, finalBudget := lr.cfg.PauseBudget, lr.cfg.FinalTimeout
+	lr.progress.SetPhase(string(PhaseFinalSync), 0, 0)
+	finalStart := time.Now()
+	tx, err := lr.sess.BeginTx(ctx, pgx.TxOptions{BeginQuery: fmt.Sprintf(
+		"BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = %[1]d; SET LOCAL lock_timeout = %[1]d; SET LOCAL synchronous_commit = on",
+		finalBudget.Milliseconds())})
+	if err != nil {
+		return replicate.FinalResult{}, err
+	}
+	defer func() {
+		rctx, rcancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer rcancel()
+		_ = tx.Rollback(rctx)
+	}()
+	res, err := lr.sync.eng.Final(ctx, tx, lr.dst)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
+		return res, fmt.Errorf("%w (Config.PauseBudget %v): the final sync could not lock the change table: %s", ErrPauseBudget, budget, lr.changeTableBlockers())
+	}
+	if err != nil {
+		return res, err
+	}
+	lr.log.Debug("final sync committed on the new database", "after", time.Since(pauseStart), "changes", res.Changes, "final", res.Duration)
+	lr.at(ctx, "final")
+
+	to := lr.next.Info().ID
+	msg := fmt.Sprintf("swo: database %s is obsolete: it was switched over to database %s; writes are refused. Use the new database.",
+		lr.old.Info().ID, to)
+	mark := append([]string{lr.meta.MarkSwitchedSQL(to)}, lr.sync.cap.RejectWritesSQL(msg)...)
+	if res.Consume != "" {
+		mark = append(mark, res.Consume)
+	}
+	done := doneData{To: to, PauseMS: time.Since(pauseStart).Milliseconds(), FinalMS: time.Since(finalStart).Milliseconds(), Changes: res.Changes}
+	m, err := lr.node.msgs.AppendTx(ctx, tx, lr.node.id, msglog.KindDone, lr.run, done, lr.stillRunning(msglog.KindExecuting), mark...)
+	if err != nil {
+		return res, err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return res, lr.commitOutcome(err)
+	}
+	_ = lr.keys.unlock(ctx, lr.sess, lockConn)
+	lr.node.observe(m)
+	lr.log.Info("switched", "pause", time.Since(pauseStart), "final_sync", time.Duration(done.FinalMS)*time.Millisecond,
+		"final_changes", res.Changes)
+	return res, nil
+}
+
+// afterSwitch seals the old database (its sequences, and partitions created
+// later) and validates the new database's foreign keys. The switch is done:
+// a failure here is reported, not fatal.
+func (lr *leaderRun) afterSwitch(ctx context.Context, res replicate.FinalResult) {
+	r := lr.sync
+	lr.progress.SetPhase(string(PhaseSealing), 0, 0)
+	if err := r.eng.FreezeSequences(ctx, res); err != nil {
+		lr.node.noteErr(fmt.Errorf("switched, but freezing sequences in the old database failed (nextval still works there): %w", err))
+	}
+	if err := r.sealPartitioned(ctx); err != nil {
+		lr.node.noteErr(fmt.Errorf("switched, but sealing partitioned tables in the old database failed (a partition created there later would take writes): %w", err))
+	}
+	lr.progress.SetPhase(string(PhaseValidating), 0, 0)
+	if err := r.eng.Finish(ctx); err != nil {
+		lr.node.noteErr(fmt.Errorf("switched, but validating foreign keys in the new database failed: %w", err))
+	}
+	lr.progress.SetPhase(string(PhaseDone), 0, 0)
+}
+
+// failed reports a failed run and, if the leader's session still holds the
+// exec lock, cleans up under it.
+func (lr *leaderRun) failed(err error) {
+	err = lr.scrub(err)
+	lr.node.noteErr(fmt.Errorf("execution failed: %w", err))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	sess := lr.sess
 	conn := sess
 	if conn == nil || conn.Ping(ctx) != nil {
 		sess = nil // the exec lock went with the session: RESET cleans up
 		var cerr error
-		if conn, cerr = c.connect(ctx, c.old, roleCtl); cerr != nil {
+		if conn, cerr = lr.connect(ctx, lr.old, roleCtl); cerr != nil {
 			return // the old database is unreachable: the owner check fails the run later
 		}
 		defer closeBounded(conn)
 	}
-	_, aerr := c.msgs.Append(ctx, conn, c.id, msglog.KindFailed, lr.run, failedData{Error: err.Error()}, runOpen(lr.run))
-	c.poke()
+	_, aerr := lr.node.msgs.Append(ctx, conn, lr.node.id, msglog.KindFailed, lr.run, encodeFailure(err), runOpen(lr.run))
+	lr.node.poke()
 	if aerr != nil || sess == nil {
 		return
 	}
-	// The pause window's server-side timeouts must not end the session (and
-	// the exec lock with it) in the middle of the cleanup.
+	// The window's server-side timeouts must not end the session (and the
+	// exec lock with it) in the middle of the cleanup.
 	if _, err := sess.Exec(ctx, `SELECT set_config('idle_in_transaction_session_timeout', '0', false),
 	CASE WHEN current_setting('server_version_num')::int >= 140000 THEN set_config('idle_session_timeout', '0', false) END`); err != nil {
 		return
 	}
 	cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer ccancel()
-	if cerr := c.cleanup(cctx); cerr != nil {
-		c.noteErr(fmt.Errorf("swo: cleanup after the failed execution (RESET will retry): %w", cerr))
+	if cerr := lr.cleanup(cctx); cerr != nil {
+		lr.node.noteErr(fmt.Errorf("cleanup after the failed execution (RESET will retry): %w", cerr))
 	}
 }
 
@@ -519,219 +825,19 @@ func closeBounded(conn *pgx.Conn) {
 	conn.Close(ctx)
 }
 
-// afterSwitchTimeout bounds the leader's work after the switch (sealing the
-// old database, validating foreign keys).
-const afterSwitchTimeout = 5 * time.Minute
-
-// execute is the leader's run, on sess, which holds the exec lock.
-func (c *Connector) execute(ctx context.Context, lr *leaderRun, sess *pgx.Conn) error {
-	leadCtx := ctx // ended by RESET and Close; ctx gets the window's deadline below
-	stillRunning := func(kind string) func(*msglog.Message) error {
-		return func(last *msglog.Message) error {
-			if last == nil || last.Run != lr.run || last.Kind != kind {
-				return errors.New("the run was reset or failed meanwhile")
-			}
-			return nil
-		}
-	}
-
-	// Sync while the service runs. The guard stops every sync step of this
-	// run as soon as sess no longer holds the exec lock (a RESET took over).
-	r, err := c.check(ctx)
-	if err != nil {
-		return err
-	}
-	r.eng.Progress = lr.progress
-	r.eng.FinalTimeout = c.cfg.FinalTimeout
-	r.eng.LockBudget = c.cfg.PauseBudget
-	r.eng.Guard = fmt.Sprintf(`SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid::int4 = %d
-	AND objid::int4 = %d AND objsubid = 2 AND granted AND pid = %d)`, c.keys.space, lockExec, sess.PgConn().PID())
-	for _, step := range []struct {
-		name string
-		fn   func(context.Context) error
-	}{
-		{"check the new database's content", r.checkTarget},
-		{"start change capture", r.startCapture},
-		{"prepare the new database", r.prepare},
-		{"initial copy", r.initialCopy},
-		{"incremental sync", r.catchUp},
-	} {
-		if err := step.fn(ctx); err != nil {
-			return fmt.Errorf("%s: %w", step.name, err)
-		}
-		c.at(ctx, step.name)
-	}
-	dst, err := replicate.Connect(ctx, r.eng.Dst) // opened now: the pause should not wait for it
-	if err != nil {
-		return c.scrub(err)
-	}
-	defer closeBounded(dst)
-	// A refused kind of object that appeared during the run (a prepared
-	// transaction holding the change table, say) would make the final sync
-	// refuse anyway: say so before the service pauses for nothing.
-	if err := r.refusedNow(ctx); err != nil {
-		return err
-	}
-
-	// Announce the pause, so that nodes open their connections to the new
-	// database now, and catch up once more meanwhile.
-	m, err := c.msgs.Append(ctx, sess, c.id, msglog.KindPrepare, lr.run, nil, stillRunning(msglog.KindExecute))
-	if err != nil {
-		return err
-	}
-	c.observe(m)
-	warmUntil := time.Now().Add(prepareFor)
-	if err := r.catchUp(ctx); err != nil {
-		return fmt.Errorf("incremental sync: %w", err)
-	}
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(time.Until(warmUntil)):
-	}
-	if err := r.catchUp(ctx); err != nil {
-		return fmt.Errorf("incremental sync: %w", err)
-	}
-
-	// The pause: every node drains; the connection lock comes when the last
-	// application connection to the old database has gone. The window has a
-	// deadline on both sides: here, and on the server, which ends this
-	// session (and so the window) if this process stalls inside it.
-	budget, finalBudget := c.cfg.PauseBudget, c.cfg.FinalTimeout
-	window := budget + finalBudget + 5*time.Second
-	ctx, cancel := context.WithTimeout(ctx, window)
-	defer cancel()
-	if _, err := sess.Exec(ctx, `SELECT set_config('idle_in_transaction_session_timeout', $1, false),
-	CASE WHEN current_setting('server_version_num')::int >= 140000 THEN set_config('idle_session_timeout', $1, false) END`,
-		fmt.Sprintf("%dms", window.Milliseconds())); err != nil {
-		return err
-	}
-	lr.progress.SetPhase("pausing", 0, 0)
-	pauseStart := time.Now()
-	m, err = c.msgs.Append(ctx, sess, c.id, msglog.KindPause, lr.run,
-		pauseData{BudgetMS: budget.Milliseconds(), FinalMS: finalBudget.Milliseconds()}, stillRunning(msglog.KindPrepare))
-	if err != nil {
-		return err
-	}
-	// The leader's own messages follow messages it has seen (the append
-	// checks that), so it may apply them at once rather than wait for the
-	// notification.
-	c.observe(m)
-	c.log.Debug("swo: pause announced", "after", time.Since(pauseStart))
-	c.at(ctx, "pausing")
-	if err := c.keys.lockExclusive(ctx, sess, lockConn, budget); err != nil {
-		if errors.Is(err, errLockTimeout) {
-			return fmt.Errorf("%w (%v): application connections to the old database still open: %s", ErrPauseBudget, budget,
-				c.keys.holders(ctx, sess, lockConn))
-		}
-		return err
-	}
-	defer func() {
-		uctx, ucancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer ucancel()
-		_ = c.keys.unlock(uctx, sess, lockConn)
-	}()
-	if err := c.strayApplicationSessions(ctx, sess); err != nil {
-		return err
-	}
-	if m, err = c.msgs.Append(ctx, sess, c.id, msglog.KindExecuting, lr.run, nil, stillRunning(msglog.KindPause)); err != nil {
-		return err
-	}
-	c.observe(m)
-	c.log.Debug("swo: connection lock taken", "after", time.Since(pauseStart))
-	c.at(ctx, "locked")
-
-	// Final sync and commit, in one transaction on the old database.
-	lr.progress.SetPhase("final sync", 0, 0)
-	finalStart := time.Now()
-	// READ COMMITTED is pinned: the final sync's reads are sent (and, under
-	// REPEATABLE READ, would take their snapshot) before its LOCK has waited
-	// for the last writers, whose changes they must see. synchronous_commit
-	// is pinned on: the switch must survive a crash of the old database.
-	// Neither may depend on the role's or the database's defaults.
-	tx, err := sess.BeginTx(ctx, pgx.TxOptions{BeginQuery: fmt.Sprintf(
-		"BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = %[1]d; SET LOCAL lock_timeout = %[1]d; SET LOCAL synchronous_commit = on",
-		finalBudget.Milliseconds())})
-	if err != nil {
-		return err
-	}
-	defer func() {
-		rctx, rcancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer rcancel()
-		_ = tx.Rollback(rctx)
-	}()
-	res, err := r.eng.Final(ctx, tx, dst)
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
-		return fmt.Errorf("%w (%v): the final sync could not lock the change table: %s", ErrPauseBudget, budget, c.changeTableBlockers())
-	}
-	if err != nil {
-		return err
-	}
-	c.log.Debug("swo: final sync committed on the new database", "after", time.Since(pauseStart), "changes", res.Changes, "final", res.Duration)
-	c.at(ctx, "final")
-	// The commit: consume the changes, mark the old database obsolete and
-	// make it refuse writes, log "done", in two round trips.
-	msg := fmt.Sprintf("swo: database %s is obsolete: it was switched over to database %s; writes are refused. Use the new database.",
-		c.old.info.ID, c.nextInfo().ID)
-	mark := append([]string{c.meta.MarkSwitchedSQL(c.nextInfo().ID)}, r.cap.RejectWritesSQL(msg)...)
-	if res.Consume != "" {
-		mark = append(mark, res.Consume)
-	}
-	done := doneData{To: c.nextInfo().ID, PauseMS: time.Since(pauseStart).Milliseconds(), FinalMS: time.Since(finalStart).Milliseconds(), Changes: res.Changes}
-	if m, err = c.msgs.AppendTx(ctx, tx, c.id, msglog.KindDone, lr.run, done, stillRunning(msglog.KindExecuting), mark...); err != nil {
-		return err
-	}
-	if err := tx.Commit(ctx); err != nil {
-		return c.commitOutcome(err)
-	}
-	_ = c.keys.unlock(ctx, sess, lockConn)
-	c.observe(m)
-	c.log.Info("swo: switched", "pause", time.Since(pauseStart), "final_sync", time.Duration(done.FinalMS)*time.Millisecond,
-		"final_changes", res.Changes)
-
-	// After the switch, without blocking the service (outside the window's
-	// deadline, but bounded, and ended by Close): seal the old database
-	// (its sequences, and partitions created later), and validate the new
-	// database's foreign keys.
-	cancel()
-	after, afterCancel := context.WithTimeout(leadCtx, afterSwitchTimeout)
-	defer afterCancel()
-	lr.progress.SetPhase("sealing the old database", 0, 0)
-	if err := r.eng.FreezeSequences(after, res); err != nil {
-		c.noteErr(fmt.Errorf("swo: switched, but freezing sequences in the old database failed (nextval still works there): %w", err))
-	}
-	if err := r.sealPartitioned(after); err != nil {
-		c.noteErr(fmt.Errorf("swo: switched, but sealing partitioned tables in the old database failed (a partition created there later would take writes): %w", err))
-	}
-	lr.progress.SetPhase("validating foreign keys", 0, 0)
-	if err := r.eng.Finish(after); err != nil {
-		c.noteErr(fmt.Errorf("swo: switched, but validating foreign keys in the new database failed: %w", err))
-	}
-	lr.progress.SetPhase("done", 0, 0)
-	return nil
-}
-
-// at calls the test hook at a phase boundary of the leader's run.
-func (c *Connector) at(ctx context.Context, phase string) {
-	if c.testHook != nil {
-		c.testHook(ctx, phase)
-	}
-}
-
 // commitOutcome decides, after the switch's COMMIT returned an error (the
 // connection may have died with the COMMIT in flight), whether the switch
 // committed: the old database's mark is the truth.
-func (c *Connector) commitOutcome(commitErr error) error {
+func (c *common) commitOutcome(commitErr error) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	conn, err := c.connect(ctx, c.old, roleCtl)
 	if err != nil {
 		return fmt.Errorf("commit of the switch: %w (outcome unknown: the old database is unreachable; RESET will tell)", commitErr)
 	}
-	defer conn.Close(context.Background())
+	defer closeBounded(conn)
 	if info, _, err := c.meta.Read(ctx, conn); err == nil && info.Obsolete() {
-		c.log.Warn("swo: the switch committed although COMMIT reported an error", "error", commitErr)
+		c.log.Warn("the switch committed although COMMIT reported an error", "error", commitErr)
 		return nil
 	}
 	return fmt.Errorf("commit of the switch: %w", commitErr)
@@ -748,15 +854,15 @@ func (c *Connector) commitOutcome(commitErr error) error {
 // before it leaves pg_stat_activity: for a moment it looks like a stray. It
 // can no longer write, and it is gone within milliseconds; so only sessions
 // still there after strayGrace are strays.
-func (c *Connector) strayApplicationSessions(ctx context.Context, conn *pgx.Conn) error {
+func (lr *leaderRun) strayApplicationSessions(ctx context.Context) error {
 	deadline := time.Now().Add(strayGrace)
 	for {
-		stray, err := c.listStraySessions(ctx, conn)
+		stray, err := lr.listStraySessions(ctx, lr.sess)
 		if err != nil || len(stray) == 0 {
 			return err
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("swo: application sessions on the old database lost the connection lock (pg_advisory_unlock_all or DISCARD ALL on a connector's connection?): %v; the switch is refused because they could write after it", stray)
+			return fmt.Errorf("application sessions on the old database lost the connection lock (pg_advisory_unlock_all or DISCARD ALL on a connector's connection?): %v; the switch is refused because they could write after it", stray)
 		}
 		select {
 		case <-ctx.Done():
@@ -770,13 +876,12 @@ func (c *Connector) strayApplicationSessions(ctx context.Context, conn *pgx.Conn
 // disappear before it counts as a stray.
 const strayGrace = 300 * time.Millisecond
 
-func (c *Connector) listStraySessions(ctx context.Context, conn *pgx.Conn) ([]string, error) {
+func (c *common) listStraySessions(ctx context.Context, conn *pgx.Conn) ([]string, error) {
 	rows, err := conn.Query(ctx, `SELECT a.pid || ' ' || a.application_name FROM pg_stat_activity a
-WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.application_name LIKE '%' || $3 || ':app%'
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.application_name LIKE '%' || $1 || ':app%'
 	AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
 	AND a.backend_start < statement_timestamp() - interval '1 second'
-	AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory'
-		AND l.classid::int4 = $1 AND l.objid::int4 = $2 AND l.objsubid = 2)`, c.keys.space, lockConn, c.cfg.Namespace)
+	AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND `+c.keys.on(lockConn)+`)`, c.cfg.Namespace)
 	if err != nil {
 		return nil, err
 	}

@@ -18,9 +18,11 @@ import (
 // cleanup, its node row left behind; all its sessions end.
 func crash(c *Connector, db *sql.DB) {
 	c.closed.Store(true)
-	c.leadMu.Lock()
-	lr := c.leading
-	c.leadMu.Unlock()
+	c.router.closed.Store(true)
+	c.leader.mu.Lock()
+	c.leader.closed = true
+	lr := c.leader.running
+	c.leader.mu.Unlock()
 	if lr != nil {
 		lr.cancel()
 		<-lr.done
@@ -34,7 +36,7 @@ func crash(c *Connector, db *sql.DB) {
 // gets there, and it waits there until its run is cancelled.
 func blockAt(c *Connector, phase string) (reached chan struct{}) {
 	reached = make(chan struct{})
-	c.testHook = func(ctx context.Context, p string) {
+	c.leader.testHook = func(ctx context.Context, p string) {
 		if p != phase {
 			return
 		}
@@ -130,7 +132,7 @@ func TestResetDuringEachPhase(t *testing.T) {
 				}
 			}
 			assertNoCapture(t, tc.old)
-			tc.nodes[1].testHook = nil
+			tc.nodes[1].leader.testHook = nil
 			if err := tc.nodes[1].Execute(ctx); err != nil {
 				t.Fatal(err)
 			}
@@ -210,7 +212,7 @@ func TestPauseBudgetExceeded(t *testing.T) {
 	// The long transaction starts once the data is synced, right before the pause.
 	var tx *sql.Tx
 	var txErr error
-	tc.nodes[0].testHook = func(_ context.Context, phase string) {
+	tc.nodes[0].leader.testHook = func(_ context.Context, phase string) {
 		if phase != "incremental sync" {
 			return
 		}
@@ -242,7 +244,7 @@ func TestPauseBudgetExceeded(t *testing.T) {
 	if got := dbName(t, tc.dbs[1]); got != tc.old.Name {
 		t.Fatalf("service moved to %s after an aborted run", got)
 	}
-	tc.nodes[0].testHook = nil
+	tc.nodes[0].leader.testHook = nil
 	if err := tc.nodes[0].Reset(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -268,8 +270,8 @@ func TestDeadNodeIsNoticed(t *testing.T) {
 		}
 		return false
 	})
-	t.Logf("dead node noticed after %v (timeout %v)", time.Since(start), nodeTimeout)
-	if d := time.Since(start); d > nodeTimeout+5*time.Second {
+	t.Logf("dead node noticed after %v (timeout %v)", time.Since(start), testTimings.timeout)
+	if d := time.Since(start); d > testTimings.timeout+5*time.Second {
 		t.Fatalf("noticed only after %v", d)
 	}
 	// A dead node does not block RESET and EXECUTE.
@@ -295,7 +297,7 @@ func deafen(t *testing.T, c *Connector) {
 		t.Fatal(err)
 	}
 	defer conn.Close(context.Background())
-	if err := c.nodes.Remove(testCtx(t), conn, c.id); err != nil {
+	if err := c.node.table.Remove(testCtx(t), conn, c.node.id); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -355,7 +357,7 @@ func connectDuringCommit(t *testing.T, setup string) (violations, errs, waited i
 	}
 	// Hold the stop-the-world window open a little so that many connection
 	// attempts queue on the lock.
-	tc.nodes[0].testHook = func(_ context.Context, phase string) {
+	tc.nodes[0].leader.testHook = func(_ context.Context, phase string) {
 		if phase == "locked" {
 			time.Sleep(200 * time.Millisecond)
 		}
@@ -420,7 +422,7 @@ func TestLeaderThatLosesItsRunFailsIt(t *testing.T) {
 	if err := tc.nodes[0].Reset(ctx); err != nil {
 		t.Fatal(err)
 	}
-	tc.nodes[1].testHook = func(_ context.Context, phase string) {
+	tc.nodes[1].leader.testHook = func(_ context.Context, phase string) {
 		if phase == "initial copy" {
 			runtime.Goexit() // the run's goroutine vanishes
 		}
@@ -429,7 +431,7 @@ func TestLeaderThatLosesItsRunFailsIt(t *testing.T) {
 	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "stopped working on the run") {
 		t.Fatalf("EXECUTE whose leader lost its run: %v", err)
 	}
-	tc.nodes[1].testHook = nil
+	tc.nodes[1].leader.testHook = nil
 	if err := tc.nodes[0].Reset(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -450,7 +452,7 @@ func TestNewDatabaseGoesAway(t *testing.T) {
 	if err := tc.nodes[0].Reset(ctx); err != nil {
 		t.Fatal(err)
 	}
-	tc.nodes[0].testHook = func(_ context.Context, phase string) {
+	tc.nodes[0].leader.testHook = func(_ context.Context, phase string) {
 		if phase == "initial copy" {
 			if err := srv.Kill(ctx); err != nil {
 				t.Error(err)
@@ -460,7 +462,7 @@ func TestNewDatabaseGoesAway(t *testing.T) {
 	if err := tc.nodes[0].Execute(ctx); !errors.Is(err, ErrRunFailed) {
 		t.Fatalf("EXECUTE with the new database gone: %v", err)
 	}
-	tc.nodes[0].testHook = nil
+	tc.nodes[0].leader.testHook = nil
 	if err := tc.nodes[0].Reset(ctx); err == nil {
 		t.Fatal("RESET succeeded with the new database down")
 	}
@@ -493,7 +495,7 @@ func TestOldDatabaseGoesAway(t *testing.T) {
 	if err := tc.nodes[0].Reset(ctx); err != nil {
 		t.Fatal(err)
 	}
-	tc.nodes[1].testHook = func(_ context.Context, phase string) {
+	tc.nodes[1].leader.testHook = func(_ context.Context, phase string) {
 		if phase == "initial copy" {
 			if err := srv.Kill(ctx); err != nil {
 				t.Error(err)
@@ -508,7 +510,7 @@ func TestOldDatabaseGoesAway(t *testing.T) {
 	if err == nil {
 		t.Fatal("the run survived a crash of the old database, whose captured changes were lost")
 	}
-	tc.nodes[1].testHook = nil
+	tc.nodes[1].leader.testHook = nil
 	n := l.count.Load()
 	waitFor(t, func() bool { return l.count.Load() > n+50 }) // the service regained its database
 	var reset error
@@ -570,7 +572,7 @@ func TestSchemaChangeDuringTheRunIsRefused(t *testing.T) {
 	if err := tc.nodes[0].Reset(ctx); err != nil {
 		t.Fatal(err)
 	}
-	tc.nodes[0].testHook = func(_ context.Context, phase string) {
+	tc.nodes[0].leader.testHook = func(_ context.Context, phase string) {
 		if phase == "incremental sync" {
 			pgtest.Exec(t, tc.old.URL, "ALTER TABLE notes ADD COLUMN extra int")
 		}
@@ -579,7 +581,7 @@ func TestSchemaChangeDuringTheRunIsRefused(t *testing.T) {
 	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "changed during the run") {
 		t.Fatalf("EXECUTE across DDL: %v", err)
 	}
-	tc.nodes[0].testHook = nil
+	tc.nodes[0].leader.testHook = nil
 	pgtest.Exec(t, tc.next.URL, "ALTER TABLE notes ADD COLUMN extra int")
 	if err := tc.nodes[0].Reset(ctx); err != nil {
 		t.Fatal(err)

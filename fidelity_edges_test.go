@@ -58,7 +58,7 @@ func TestRefusedObjectsAppearingDuringTheRunFailIt(t *testing.T) {
 		pgtest.Exec(t, old.URL, "UPDATE t SET doc = lo_from_bytea(0, 'created mid-run') WHERE id = 1")
 	})
 	expectRunFailed(t, c, "appeared in the old database during the run", "large objects")
-	c.testHook = nil
+	c.leader.testHook = nil
 	pgtest.Exec(t, old.URL, "SELECT lo_unlink(doc) FROM t; UPDATE t SET doc = NULL")
 	if err := switchover(t, c); err != nil {
 		t.Fatal(err)

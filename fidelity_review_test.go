@@ -132,7 +132,7 @@ func TestReviewScratchTableInExcludedSchemaFailsTheRun(t *testing.T) {
 // foreign keys) to end.
 func awaitLeader(t *testing.T, c *Connector) {
 	t.Helper()
-	waitFor(t, func() bool { return c.leaderProgress() == nil })
+	waitFor(t, func() bool { return c.leader.progress() == nil })
 }
 
 // R2-7: sequences of every shape are frozen in the old database after the
@@ -342,8 +342,8 @@ func TestReviewColumnAddedBetweenCheckAndCapture(t *testing.T) {
 
 // atPhaseToo adds fn at phase to c's test hook.
 func atPhaseToo(c *Connector, phase string, fn func(ctx context.Context)) {
-	prev := c.testHook
-	c.testHook = func(ctx context.Context, p string) {
+	prev := c.leader.testHook
+	c.leader.testHook = func(ctx context.Context, p string) {
 		if prev != nil {
 			prev(ctx, p)
 		}

@@ -41,7 +41,7 @@ func fidelityPair(t *testing.T, ddl, seed string) (old, next *pgtest.Database) {
 
 // atPhase runs fn when c's leader reaches phase.
 func atPhase(c *Connector, phase string, fn func(ctx context.Context)) {
-	c.testHook = func(ctx context.Context, p string) {
+	c.leader.testHook = func(ctx context.Context, p string) {
 		if p == phase {
 			fn(ctx)
 		}
@@ -318,7 +318,7 @@ REFRESH MATERIALIZED VIEW totals; REFRESH MATERIALIZED VIEW top_region;`)
 	if err := pgtest.Connect(t, next.URL).QueryRow(ctx, "SELECT count(*) FROM totals").Scan(&during); err != nil || during != 3 {
 		t.Fatalf("totals in the new database after the copy: %d rows, %v; want 3", during, err)
 	}
-	c.testHook = nil
+	c.leader.testHook = nil
 	if err := c.Reset(ctx); err != nil {
 		t.Fatal(err)
 	}

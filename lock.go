@@ -69,17 +69,19 @@ func newLockKeys(namespace string) lockKeys {
 
 func (k lockKeys) pair(lock int32) [2]int32 { return [2]int32{k.space, lock} }
 
+// on is the condition, on a pg_locks row aliased l, that the row is one of
+// the namespace's lock (granted or waited for). Every query that looks for
+// the namespace's locks uses it.
+func (k lockKeys) on(lock int32) string {
+	return fmt.Sprintf("l.locktype = 'advisory' AND l.classid::int4 = %d AND l.objid::int4 = %d AND l.objsubid = 2", k.space, lock)
+}
+
 // connSharedSQL takes the connection lock in shared mode. The keys are
 // literals so that it can share a simple-protocol round trip with the state
 // read that must follow it as a separate statement.
 func (k lockKeys) connSharedSQL() string {
 	return fmt.Sprintf("SELECT pg_advisory_lock_shared(%d, %d)", k.space, lockConn)
 }
-
-// ErrPauseBudget is wrapped when the stop-the-world lock could not be
-// obtained within Config.PauseBudget: the run aborts, the service carries on
-// with the old database.
-var ErrPauseBudget = errors.New("swo: pause budget exceeded")
 
 // lockExclusive takes one of the namespace's locks exclusively, at session
 // level, waiting at most timeout (a server-side lock_timeout, so that the
@@ -114,9 +116,8 @@ func (k lockKeys) holders(ctx context.Context, conn *pgx.Conn, lock int32) strin
 	rows, err := conn.Query(ctx, `SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
 	coalesce(to_char(now() - a.xact_start, 'HH24:MI:SS'), '-'), left(coalesce(a.query, ''), 60)
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.classid::int4 = $1 AND l.objid::int4 = $2 AND l.objsubid = 2
-	AND l.granted AND l.pid <> pg_backend_pid()
-ORDER BY a.pid`, k.space, lock)
+WHERE `+k.on(lock)+` AND l.granted AND l.pid <> pg_backend_pid()
+ORDER BY a.pid`)
 	if err != nil {
 		return "(could not list them: " + err.Error() + ")"
 	}
@@ -143,7 +144,6 @@ ORDER BY a.pid`, k.space, lock)
 func (k lockKeys) terminateExclusiveHolders(ctx context.Context, conn *pgx.Conn, lock int32) (int, error) {
 	var n int
 	err := conn.QueryRow(ctx, `SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l
-WHERE l.locktype = 'advisory' AND l.classid::int4 = $1 AND l.objid::int4 = $2 AND l.objsubid = 2
-	AND l.mode = 'ExclusiveLock' AND l.granted AND l.pid <> pg_backend_pid()`, k.space, lock).Scan(&n)
+WHERE `+k.on(lock)+` AND l.mode = 'ExclusiveLock' AND l.granted AND l.pid <> pg_backend_pid()`).Scan(&n)
 	return n, err
 }

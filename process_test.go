@@ -55,7 +55,7 @@ func runChildNode() int {
 	c, err := NewConnector(ctx, Config{
 		OldURL: os.Getenv(envChildOld), NextURL: os.Getenv(envChildNext), NodeName: fmt.Sprintf("node-%d", node),
 		APIOnly: os.Getenv(envChildAPI) == "1", PauseBudget: 5 * time.Second, SyncWorkers: 2,
-		Logger: testLoggerTo(io.Discard),
+		Logger: testLoggerTo(io.Discard), timing: testTimings,
 	})
 	if err != nil {
 		emit(childEvent{Event: "error", Error: err.Error()})

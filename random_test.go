@@ -437,7 +437,7 @@ func runRandomSwitchover(t *testing.T, seed int64) {
 	for i := 0; i < 1+rnd.Intn(2); i++ {
 		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL, NodeName: fmt.Sprintf("node-%d", i),
 			ExcludeTables: g.exclude, SyncWorkers: 1 + rnd.Intn(3), PauseBudget: 10 * time.Second})
-		c.testHook = func(_ context.Context, phase string) {
+		c.leader.testHook = func(_ context.Context, phase string) {
 			if phase == "locked" {
 				stop.Store(true)
 			}

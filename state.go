@@ -5,12 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/pgswo/swo/internal/cluster"
+	"github.com/pgswo/swo/internal/meta"
 	"github.com/pgswo/swo/internal/msglog"
 )
 
@@ -61,7 +65,7 @@ func (s State) String() string {
 // MarshalText renders the state by name, so Status serialises as "idle", not 2.
 func (s State) MarshalText() ([]byte, error) {
 	if s < 0 || int(s) >= len(stateNames) {
-		return nil, fmt.Errorf("swo: invalid state %d", int(s))
+		return nil, fmt.Errorf("invalid state %d", int(s))
 	}
 	return []byte(s.String()), nil
 }
@@ -74,7 +78,7 @@ func (s *State) UnmarshalText(b []byte) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("swo: unknown state %q", b)
+	return fmt.Errorf("unknown state %q", b)
 }
 
 // transitions lists, for each state, the states it may move to. RESET may
@@ -117,7 +121,7 @@ type view struct {
 	Owner  uuid.UUID // the node doing the run's work: the resetter, then the leader
 	Leader uuid.UUID
 	LastID int64
-	Err    string               // why the run failed
+	Err    failure              // why the run failed
 	At     map[string]time.Time // when each kind of message of the run was appended (database clock)
 	Since  time.Time            // when this node saw the current state begin (local clock)
 	Pause  pauseData            // from the pause message
@@ -141,30 +145,31 @@ type (
 		FinalMS int64     `json:"final_ms"` // of which the final sync and commit
 		Changes int       `json:"changes"`  // changes applied by the final sync
 	}
-	failedData struct {
-		Error string `json:"error"`
-	}
 )
+
+// transitionOf maps the kinds of messages that move the state to the state
+// they move it to.
+var transitionOf = map[string]State{
+	msglog.KindIdle: StateIdle, msglog.KindExecute: StateSyncing, msglog.KindPause: StatePausing,
+	msglog.KindExecuting: StateExecuting, msglog.KindDone: StateDone, msglog.KindFailed: StateFailed,
+}
 
 // apply folds one message into the view, following the transitions table:
 // a message that the state machine does not allow from the current state is
 // ignored (it belongs to a run that was overtaken), so every node that reads
-// the same log derives the same state. It reports whether the state changed.
-func (v *view) apply(m msglog.Message) bool {
+// the same log derives the same state. now is when the node read it. It
+// reports whether the state changed.
+func (v *view) apply(m msglog.Message, now time.Time) bool {
 	v.LastID = max(v.LastID, m.ID)
 	if m.Kind == msglog.KindReset {
 		*v = view{State: StateResetting, Run: m.Run, Owner: m.Node, LastID: m.ID, Nodes: v.Nodes,
-			At: map[string]time.Time{m.Kind: m.At}, Since: time.Now()}
+			At: map[string]time.Time{m.Kind: m.At}, Since: now}
 		return true
 	}
 	if m.Run != v.Run {
 		return false
 	}
-	next := map[string]State{
-		msglog.KindIdle: StateIdle, msglog.KindExecute: StateSyncing, msglog.KindPause: StatePausing,
-		msglog.KindExecuting: StateExecuting, msglog.KindDone: StateDone, msglog.KindFailed: StateFailed,
-	}
-	to, ok := next[m.Kind]
+	to, ok := transitionOf[m.Kind]
 	if !ok || !v.State.CanTransition(to) {
 		return false
 	}
@@ -178,33 +183,112 @@ func (v *view) apply(m msglog.Message) bool {
 	case msglog.KindDone:
 		_ = m.Decode(&v.Done)
 	case msglog.KindFailed:
-		var d failedData
-		_ = m.Decode(&d)
-		v.Err = d.Error
+		_ = m.Decode(&v.Err)
 	}
 	v.State = to
+	if v.At == nil {
+		v.At = map[string]time.Time{}
+	}
 	v.At[m.Kind] = m.At
-	v.Since = time.Now()
+	v.Since = now
 	return true
 }
 
-// Heartbeat and liveness timings (variables so that tests can shorten them).
-var (
-	heartbeatEvery = time.Second     // node heartbeat and node-list refresh
-	nodeTimeout    = 5 * time.Second // a node not seen for this long is not alive
-	pollEvery      = 500 * time.Millisecond
-)
+// derive folds a log into a view: the state every node reading the same
+// messages agrees on, whatever order of runs, resets and failures they hold.
+func derive(msgs []msglog.Message, now time.Time) view {
+	var v view
+	for _, m := range msgs {
+		v.apply(m, now)
+	}
+	return v
+}
+
+// ---- The node ----
+
+// timings are a node's heartbeat and liveness settings.
+type timings struct {
+	heartbeat time.Duration // heartbeat and node-list refresh
+	timeout   time.Duration // a node not seen for this long is not alive
+	poll      time.Duration // log read when no notification came
+	recheck   time.Duration // re-examination of an invalid configuration
+}
+
+var defaultTimings = timings{heartbeat: time.Second, timeout: 5 * time.Second, poll: 500 * time.Millisecond, recheck: 5 * time.Second}
+
+// routes is how the node moves the connector's new connections: the router.
+type routes interface {
+	pause(until time.Time)
+	resume()
+	switched(to uuid.UUID)
+	prewarm()
+	report() (routing Routing, paused bool)
+}
+
+// runs is how the node starts and stops the runs it leads: the leader.
+type runs interface {
+	start(run int64)
+	stop(wait bool)
+	leads(run int64) bool
+	progress() *Progress
+}
+
+// node is this instance as a member of the switchover cluster: it beats its
+// heartbeat in the old database's node table, follows the message log,
+// derives the cluster's state from it, and reacts to each change (pause,
+// resume and switch the router; start and stop leading a run).
+//
+// Goroutines: follow, one per node, on its own control connection to the
+// old database, from NewConnector to Close or the switch. The leader's run
+// and Reset also apply messages they appended (observe).
+//
+// Lock order: reactMu, then viewMu; mu and the endpoint's info lock are
+// leaves. reactMu is held while reacting, so that reactions happen in the
+// order of the state changes; the router's and the leader's locks may be
+// taken under it, never the other way round.
+type node struct {
+	*common
+	id     uuid.UUID
+	msgs   msglog.Log
+	table  cluster.Table
+	timing timings
+	routes routes
+	runs   runs
+
+	wake      chan struct{}
+	resetting atomic.Int64 // the run this node's Reset is working on, if any
+
+	mu          sync.Mutex
+	configErr   error // why this node's configuration is invalid; nil if valid
+	lastErr     error
+	lastRecheck time.Time
+
+	reactMu     sync.Mutex
+	viewMu      sync.Mutex
+	view        view
+	viewChanged chan struct{} // closed and replaced at every state change
+}
+
+func newNode(s *common, timing timings, rt routes, lead runs) *node {
+	return &node{
+		common: s, id: uuid.New(), timing: timing, routes: rt, runs: lead,
+		msgs:        msglog.Log{Table: s.meta.Table("log"), Channel: s.cfg.Namespace, Lock: s.keys.pair(lockSetup)},
+		table:       cluster.Table{Name: s.meta.Table("nodes")},
+		wake:        make(chan struct{}, 1),
+		viewChanged: make(chan struct{}),
+		view:        view{At: map[string]time.Time{}},
+	}
+}
 
 // follow is the node's loop on its control connection to the old database:
 // it reads the log (woken by NOTIFY, or polling), derives the cluster state,
-// reacts to it (pause, switch, resume, lead), beats its heartbeat, and fails
-// a run whose owner stopped answering. After the switch it confirms once and
-// stops: nothing checks the old database any more.
-func (c *Connector) follow(ctx context.Context, conn *pgx.Conn) {
-	defer c.bg.Done()
+// reacts to it, beats its heartbeat, and fails a run whose owner stopped
+// answering. After the switch it confirms once and stops: nothing checks the
+// old database any more.
+func (n *node) follow(ctx context.Context, conn *pgx.Conn) {
 	defer func() {
 		if conn != nil {
-			conn.Close(context.Background())
+			closeBounded(conn)
 		}
 	}()
 	backoff := 100 * time.Millisecond
@@ -213,8 +297,8 @@ func (c *Connector) follow(ctx context.Context, conn *pgx.Conn) {
 	for ctx.Err() == nil {
 		if conn == nil {
 			var err error
-			if conn, err = c.connect(ctx, c.old, roleCtl); err != nil {
-				c.noteErr(err)
+			if conn, err = n.connect(ctx, n.old, roleCtl); err != nil {
+				n.noteErr(err)
 				select {
 				case <-ctx.Done():
 				case <-time.After(backoff):
@@ -224,13 +308,13 @@ func (c *Connector) follow(ctx context.Context, conn *pgx.Conn) {
 			}
 			listening = false
 		}
-		err := c.followOnce(ctx, conn, &listening, &lastBeat)
+		err := n.followOnce(ctx, conn, &listening, &lastBeat)
 		switch {
 		case errors.Is(err, errStopFollowing):
 			return
 		case err != nil && ctx.Err() == nil:
-			c.noteErr(fmt.Errorf("swo: following the cluster: %w", err))
-			conn.Close(context.Background())
+			n.noteErr(fmt.Errorf("following the cluster: %w", err))
+			closeBounded(conn)
 			conn = nil
 		default:
 			backoff = 100 * time.Millisecond
@@ -240,53 +324,55 @@ func (c *Connector) follow(ctx context.Context, conn *pgx.Conn) {
 
 var errStopFollowing = errors.New("stop following")
 
-func (c *Connector) followOnce(ctx context.Context, conn *pgx.Conn, listening *bool, lastBeat *time.Time) error {
+func (n *node) followOnce(ctx context.Context, conn *pgx.Conn, listening *bool, lastBeat *time.Time) error {
 	if !*listening {
-		if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{c.cfg.Namespace}.Sanitize()); err != nil {
+		if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{n.cfg.Namespace}.Sanitize()); err != nil {
 			return err
 		}
 		*listening = true
 	}
-	msgs, err := c.msgs.Read(ctx, conn, c.lastID())
+	msgs, err := n.msgs.Read(ctx, conn, n.lastID())
 	if err != nil {
 		return err
 	}
 	for _, m := range msgs {
-		c.observe(m)
+		n.observe(m)
 	}
-	if c.route.Load().target != toOld {
+	if routing, _ := n.routes.report(); routing != RoutingOld {
 		// Switched: say so once, and leave the old database alone.
-		_ = c.beat(ctx, conn)
-		_, _ = c.msgs.Append(ctx, conn, c.id, msglog.KindConfirm, c.currentRun(), nil, nil)
+		_ = n.beat(ctx, conn)
+		_, _ = n.msgs.Append(ctx, conn, n.id, msglog.KindConfirm, n.currentRun(), nil, nil)
 		return errStopFollowing
 	}
-	if info, _, err := c.meta.Read(ctx, conn); err != nil {
+	if info, _, err := n.meta.Read(ctx, conn); err != nil {
 		return err
 	} else if info.Obsolete() {
-		c.switched(info.SwitchedTo) // the mark is the truth, log or not
+		n.routes.switched(info.SwitchedTo) // the mark is the truth, log or not
 		return nil
 	}
-	if time.Since(*lastBeat) >= heartbeatEvery {
-		c.stateMu.Lock()
-		invalid := c.configErr != nil
-		c.stateMu.Unlock()
-		if invalid && time.Since(c.lastRecheck) >= 5*time.Second {
-			c.lastRecheck = time.Now()
-			c.recheckNext(ctx, conn)
+	if time.Since(*lastBeat) >= n.timing.heartbeat {
+		n.mu.Lock()
+		recheck := n.configErr != nil && time.Since(n.lastRecheck) >= n.timing.recheck
+		if recheck {
+			n.lastRecheck = time.Now()
 		}
-		if err := c.beat(ctx, conn); err != nil {
+		n.mu.Unlock()
+		if recheck {
+			n.recheckNext(ctx, conn)
+		}
+		if err := n.beat(ctx, conn); err != nil {
 			return err
 		}
 		*lastBeat = time.Now()
-		if err := c.checkOwner(ctx, conn); err != nil {
+		if err := n.checkOwner(ctx, conn); err != nil {
 			return err
 		}
 	}
-	wctx, cancel := context.WithTimeout(ctx, pollEvery)
+	wctx, cancel := context.WithTimeout(ctx, n.timing.poll)
 	defer cancel()
 	go func() {
 		select {
-		case <-c.wake:
+		case <-n.wake:
 			cancel()
 		case <-wctx.Done():
 		}
@@ -299,152 +385,157 @@ func (c *Connector) followOnce(ctx context.Context, conn *pgx.Conn, listening *b
 }
 
 // poke wakes the follow loop at once (after this node appended a message).
-func (c *Connector) poke() {
+func (n *node) poke() {
 	select {
-	case c.wake <- struct{}{}:
+	case n.wake <- struct{}{}:
 	default:
 	}
 }
 
 // observe applies a message to the view and reacts to a state change.
-// Observations are serialised (the follow loop and the leader both observe),
-// so that reactions happen in the order of the state changes.
-func (c *Connector) observe(m msglog.Message) {
-	c.reactMu.Lock()
-	defer c.reactMu.Unlock()
-	c.viewMu.Lock()
-	prev := c.view.State
-	changed := c.view.apply(m)
-	v := c.view
+// Observations are serialised (the follow loop, Reset and the leader all
+// observe), so that reactions happen in the order of the state changes.
+func (n *node) observe(m msglog.Message) {
+	n.reactMu.Lock()
+	defer n.reactMu.Unlock()
+	n.viewMu.Lock()
+	prev := n.view.State
+	changed := n.view.apply(m, time.Now())
+	v := n.view
 	v.At = maps.Clone(v.At)
 	if changed {
-		close(c.viewChanged)
-		c.viewChanged = make(chan struct{})
+		close(n.viewChanged)
+		n.viewChanged = make(chan struct{})
 	}
-	c.viewMu.Unlock()
+	n.viewMu.Unlock()
 	if m.Kind == msglog.KindPrepare && m.Run == v.Run && v.State == StateSyncing {
-		c.prewarm()
+		n.routes.prewarm()
 	}
 	if !changed {
 		return
 	}
-	c.log.Info("swo: cluster state", "from", prev.String(), "to", v.State.String(), "run", v.Run, "message", m.Kind)
+	n.log.Info("cluster state", "from", prev.String(), "to", v.State.String(), "run", v.Run, "message", m.Kind)
 	switch v.State {
 	case StateResetting:
-		c.stopLeading(false)
-		c.resume()
+		n.runs.stop(false)
+		n.routes.resume()
 	case StateSyncing:
-		if v.Leader == c.id {
-			c.startLeading(v.Run)
+		if v.Leader == n.id {
+			n.runs.start(v.Run)
 		}
 	case StatePausing:
 		budget := time.Duration(v.Pause.BudgetMS+v.Pause.FinalMS)*time.Millisecond + 2*time.Second
-		c.pause(time.Now().Add(budget))
+		n.routes.pause(time.Now().Add(budget))
 	case StateDone:
 		// The database switched to, as the leader knew it: a node configured
 		// with another --db-url-next refuses rather than follow it.
 		to := v.Done.To
 		if to == uuid.Nil {
-			to = c.nextInfo().ID
+			to = n.next.Info().ID
 		}
-		c.switched(to)
+		n.routes.switched(to)
 	case StateFailed:
-		c.stopLeading(false) // a leader declared failed stops, whatever it was doing
-		c.resume()
+		n.runs.stop(false) // a leader declared failed stops, whatever it was doing
+		n.routes.resume()
 	case StateIdle:
-		c.resume()
+		n.routes.resume()
 	}
-}
-
-// beat upserts this node's row with its self-report and refreshes the node list.
-func (c *Connector) beat(ctx context.Context, conn *pgx.Conn) error {
-	c.stateMu.Lock()
-	n := cluster.Node{ID: c.id, Name: c.cfg.NodeName, Version: c.cfg.Version, CanExec: !c.cfg.APIOnly,
-		OldID: c.old.info.ID, NextID: c.nextInfo().ID}
-	if c.configErr != nil {
-		n.ConfigError = c.configErr.Error()
-	}
-	self := nodeReport{LastError: errString(c.lastErr)}
-	c.stateMu.Unlock()
-	r := c.route.Load()
-	self.Routing, self.Paused = r.String(), r.paused != nil
-	if p := c.leaderProgress(); p != nil {
-		self.Progress = p
-	}
-	if err := c.nodes.Beat(ctx, conn, n, self); err != nil {
-		return err
-	}
-	list, err := c.nodes.List(ctx, conn, nodeTimeout)
-	if err != nil {
-		return err
-	}
-	c.viewMu.Lock()
-	c.view.Nodes = list
-	c.viewMu.Unlock()
-	return nil
 }
 
 // nodeReport is what a node says about itself in its heartbeat.
 type nodeReport struct {
-	Routing   string    `json:"routing"`
+	Routing   Routing   `json:"routing"`
 	Paused    bool      `json:"paused"`
 	LastError string    `json:"last_error,omitempty"`
 	Progress  *Progress `json:"progress,omitempty"`
 }
 
+// beat upserts this node's row with its self-report and refreshes the node list.
+func (n *node) beat(ctx context.Context, conn *pgx.Conn) error {
+	n.mu.Lock()
+	row := cluster.Node{ID: n.id, Name: n.cfg.NodeName, Version: n.cfg.Version, CanExec: !n.cfg.APIOnly,
+		OldID: n.old.Info().ID, NextID: n.next.Info().ID}
+	if n.configErr != nil {
+		row.ConfigError = n.configErr.Error()
+	}
+	self := nodeReport{LastError: errString(n.lastErr)}
+	n.mu.Unlock()
+	self.Routing, self.Paused = n.routes.report()
+	self.Progress = n.runs.progress()
+	if err := n.table.Beat(ctx, conn, row, self); err != nil {
+		return err
+	}
+	list, err := n.table.List(ctx, conn, n.timing.timeout)
+	if err != nil {
+		return err
+	}
+	n.viewMu.Lock()
+	n.view.Nodes = list
+	n.viewMu.Unlock()
+	return nil
+}
+
 // checkOwner fails the run if the node doing its work stopped answering:
 // every running state thereby has a timeout of a few heartbeats.
-func (c *Connector) checkOwner(ctx context.Context, conn *pgx.Conn) error {
-	v, _ := c.currentView()
-	if v.State != StateResetting && !v.State.Running() {
+func (n *node) checkOwner(ctx context.Context, conn *pgx.Conn) error {
+	v, _ := n.currentView()
+	reason := ownerLost(v, n.id, n.owns(v), time.Since(v.Since), n.timing.timeout)
+	if reason == "" {
 		return nil
 	}
-	if time.Since(v.Since) < nodeTimeout {
-		return nil // give a state just begun one timeout before judging its owner
-	}
-	reason := fmt.Sprintf("node %s (%s) stopped answering during %s", v.Owner, nodeName(v.Nodes, v.Owner), v.State)
-	if v.Owner == c.id {
-		// This node owns the run: it must be working on it. If it is not (its
-		// work ended without a word, say because the old database was
-		// unreachable when it tried to report), the run is over.
-		if c.owns(v) {
-			return nil
-		}
-		reason = fmt.Sprintf("node %s (%s) stopped working on the run during %s without a result", c.id, c.cfg.NodeName, v.State)
-	} else {
-		for _, n := range v.Nodes {
-			if n.ID == v.Owner && n.Alive {
-				return nil
-			}
-		}
-	}
-	_, err := c.msgs.Append(ctx, conn, c.id, msglog.KindFailed, v.Run, failedData{Error: reason}, sameRun(v.Run, v.LastID))
+	_, err := n.msgs.Append(ctx, conn, n.id, msglog.KindFailed, v.Run, failure{Error: reason}, sameRun(v.Run, v.LastID))
 	if errors.Is(err, msglog.ErrRefused) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	c.log.Warn("swo: run failed: " + reason)
+	n.log.Warn("run failed: " + reason)
 	// The run can no longer commit ("done" would not follow "failed"), so
 	// ending its sessions is safe, and it frees the stop-the-world lock if a
 	// stalled leader still holds it.
 	for _, lock := range []int32{lockConn, lockExec} {
-		if n, err := c.keys.terminateExclusiveHolders(ctx, conn, lock); err == nil && n > 0 {
-			c.log.Warn("swo: ended the sessions of the failed run", "sessions", n)
+		if k, err := n.keys.terminateExclusiveHolders(ctx, conn, lock); err == nil && k > 0 {
+			n.log.Warn("ended the sessions of the failed run", "sessions", k)
 		}
 	}
 	return nil
 }
 
-// owns reports whether this node is doing the work of the run in v.
-func (c *Connector) owns(v view) bool {
-	if v.State == StateResetting {
-		return c.resetting.Load() == v.Run
+// ownerLost decides whether the run in v has lost its owner, and says why
+// ("" if not): a pure function of the view, so every node decides alike.
+// self is the deciding node; owned whether it is doing the run's work; in
+// how long the state has lasted as this node saw it.
+func ownerLost(v view, self uuid.UUID, owned bool, in, timeout time.Duration) string {
+	if v.State != StateResetting && !v.State.Running() {
+		return ""
 	}
-	c.leadMu.Lock()
-	defer c.leadMu.Unlock()
-	return c.leading != nil && c.leading.run == v.Run
+	if in < timeout {
+		return "" // give a state just begun one timeout before judging its owner
+	}
+	if v.Owner == self {
+		// This node owns the run: it must be working on it. If it is not (its
+		// work ended without a word, say because the old database was
+		// unreachable when it tried to report), the run is over.
+		if owned {
+			return ""
+		}
+		return fmt.Sprintf("node %s (%s) stopped working on the run during %s without a result", self, nodeName(v.Nodes, self), v.State)
+	}
+	for _, n := range v.Nodes {
+		if n.ID == v.Owner && n.Alive {
+			return ""
+		}
+	}
+	return fmt.Sprintf("node %s (%s) stopped answering during %s", v.Owner, nodeName(v.Nodes, v.Owner), v.State)
+}
+
+// owns reports whether this node is doing the work of the run in v.
+func (n *node) owns(v view) bool {
+	if v.State == StateResetting {
+		return n.resetting.Load() == v.Run
+	}
+	return n.runs.leads(v.Run)
 }
 
 // sameRun refuses an append if anything was appended since the view was
@@ -467,25 +558,203 @@ func nodeName(nodes []cluster.Node, id uuid.UUID) string {
 	return "unknown node"
 }
 
-func (c *Connector) lastID() int64 {
-	c.viewMu.Lock()
-	defer c.viewMu.Unlock()
-	return c.view.LastID
+func (n *node) lastID() int64 {
+	n.viewMu.Lock()
+	defer n.viewMu.Unlock()
+	return n.view.LastID
 }
 
-func (c *Connector) currentRun() int64 {
-	c.viewMu.Lock()
-	defer c.viewMu.Unlock()
-	return c.view.Run
+func (n *node) currentRun() int64 {
+	n.viewMu.Lock()
+	defer n.viewMu.Unlock()
+	return n.view.Run
 }
 
 // currentView returns the view and a channel closed at its next change.
-func (c *Connector) currentView() (view, <-chan struct{}) {
-	c.viewMu.Lock()
-	defer c.viewMu.Unlock()
-	v := c.view
+func (n *node) currentView() (view, <-chan struct{}) {
+	n.viewMu.Lock()
+	defer n.viewMu.Unlock()
+	v := n.view
 	v.At = maps.Clone(v.At) // apply writes to the map; the copy must not share it
-	return v, c.viewChanged
+	return v, n.viewChanged
+}
+
+// waitView waits (bounded by ctx) until cond holds for the view.
+func (n *node) waitView(ctx context.Context, cond func(view) bool) {
+	for {
+		v, changed := n.currentView()
+		if cond(v) {
+			return
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// problems returns an error naming every alive node whose configuration is
+// not valid.
+func (n *node) problems() error {
+	v, _ := n.currentView()
+	return nodeProblems(v.Nodes)
+}
+
+// nodeProblems lists the alive nodes whose configuration is not valid.
+func nodeProblems(nodes []cluster.Node) error {
+	probs := cluster.Problems(nodes)
+	var lines []string
+	for _, n := range nodes {
+		if p := probs[n.ID]; p != "" {
+			lines = append(lines, fmt.Sprintf("node %s: %s", n.Name, p))
+		}
+	}
+	if len(lines) > 0 {
+		return fmt.Errorf("%d node(s) with an invalid configuration:\n  %s", len(lines), strings.Join(lines, "\n  "))
+	}
+	return nil
+}
+
+// ---- This node's configuration ----
+
+// join creates the library's schema in both databases if needed, reads
+// their identities, and decides whether this node's configuration is valid.
+// It returns the control connection for follow, or nil when the switch is
+// already done and the node has nothing to follow.
+func (n *node) join(ctx context.Context) (*pgx.Conn, error) {
+	oldConn, err := n.connect(ctx, n.old, roleCtl)
+	if err != nil {
+		return nil, err
+	}
+	oldInfo, err := n.meta.Ensure(ctx, oldConn, n.msgs.DDL(), n.table.DDL())
+	if err != nil {
+		closeBounded(oldConn)
+		return nil, fmt.Errorf("old database %s: %w", n.old.describe(), err)
+	}
+	n.old.setInfo(oldInfo)
+	var nextInfo meta.Info
+	nextConn, nerr := n.connect(ctx, n.next, roleCtl)
+	if nerr == nil {
+		defer closeBounded(nextConn)
+		nextInfo, nerr = n.meta.Ensure(ctx, nextConn)
+		if nerr != nil {
+			nerr = fmt.Errorf("next database %s: %w", n.next.describe(), nerr)
+		}
+		n.next.setInfo(nextInfo)
+	}
+	switch {
+	case oldInfo.Obsolete() && nerr != nil:
+		closeBounded(oldConn)
+		return nil, fmt.Errorf("the old database was switched over to database %s, which cannot be reached: %w", oldInfo.SwitchedTo, nerr)
+	case oldInfo.Obsolete() && (oldInfo.SwitchedTo != nextInfo.ID || nextInfo.Obsolete()):
+		closeBounded(oldConn)
+		return nil, n.obsolete(n.old, oldInfo)
+	case oldInfo.Obsolete():
+		// The switch is done and NextURL is the new database: use it.
+		closeBounded(oldConn)
+		n.routes.switched(nextInfo.ID)
+		n.log.Info("old database was already switched over; using the next database", "next", n.next.describe())
+		return nil, nil
+	case nerr != nil:
+		n.setConfigErr(nerr)
+	case nextInfo.Obsolete():
+		closeBounded(oldConn)
+		return nil, n.obsolete(n.next, nextInfo)
+	case oldInfo.ID == nextInfo.ID:
+		if err := n.separateTwins(ctx, oldConn, nextConn); err != nil {
+			n.setConfigErr(err)
+		}
+	}
+	return oldConn, nil
+}
+
+// recheckNext re-examines the next database while this node's configuration
+// is invalid (say it was unreachable when the node started), so that the
+// node becomes valid once the cause is gone, without a restart.
+func (n *node) recheckNext(ctx context.Context, oldConn *pgx.Conn) {
+	err := func() error {
+		nextConn, err := n.connect(ctx, n.next, roleCtl)
+		if err != nil {
+			return err
+		}
+		defer closeBounded(nextConn)
+		info, err := n.meta.Ensure(ctx, nextConn)
+		if err != nil {
+			return fmt.Errorf("next database %s: %w", n.next.describe(), err)
+		}
+		if info.Obsolete() {
+			return n.obsolete(n.next, info)
+		}
+		n.next.setInfo(info)
+		if info.ID == n.old.Info().ID {
+			return n.separateTwins(ctx, oldConn, nextConn)
+		}
+		return nil
+	}()
+	n.mu.Lock()
+	n.configErr = n.scrub(err)
+	n.mu.Unlock()
+	if err == nil {
+		n.log.Info("this node's configuration is valid now", "next_db_id", n.next.Info().ID)
+	}
+}
+
+// separateTwins handles two databases with the same identity: either both
+// URLs reach one database (a configuration error), or the next database was
+// restored from a copy of the old one and gets an identity of its own.
+func (n *node) separateTwins(ctx context.Context, oldConn, nextConn *pgx.Conn) error {
+	same, err := sameDatabase(ctx, oldConn, nextConn)
+	if err != nil {
+		return err
+	}
+	if same {
+		return fmt.Errorf("%w: --db-url and --db-url-next (Config.OldURL and Config.NextURL) reach the same database (%s): point NextURL at the new database",
+			ErrConfig, n.old.Info().ID)
+	}
+	id, err := n.meta.NewIdentity(ctx, nextConn)
+	if err != nil {
+		return err
+	}
+	n.log.Warn("next database carried a copy of the old database's identity; gave it a new one", "next_db_id", id)
+	info := n.next.Info()
+	info.ID = id
+	n.next.setInfo(info)
+	return nil
+}
+
+// sameDatabase tells, by a live session check, whether the two connections
+// reach one database (whatever their identities say).
+func sameDatabase(ctx context.Context, a, b *pgx.Conn) (bool, error) {
+	sess, err := meta.CurrentSession(ctx, a)
+	if err != nil {
+		return false, err
+	}
+	return meta.SeesSession(ctx, b, sess)
+}
+
+func (n *node) setConfigErr(err error) {
+	err = n.scrub(err)
+	n.mu.Lock()
+	n.configErr = err
+	n.mu.Unlock()
+	n.log.Error("this node's configuration is not valid; EXECUTE is refused until it is fixed", "error", err)
+}
+
+// noteErr records the last error this node met (shown by Status) and logs it.
+func (n *node) noteErr(err error) {
+	err = n.scrub(err)
+	n.mu.Lock()
+	n.lastErr = err
+	n.mu.Unlock()
+	n.log.Warn(err.Error())
+}
+
+// errs returns this node's configuration error and last error.
+func (n *node) errs() (config, last error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.configErr, n.lastErr
 }
 
 func errString(err error) string {

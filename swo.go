@@ -1,31 +1,81 @@
 // Package swo moves a running Go service from one PostgreSQL database to
-// another with no maintenance window: nothing written is lost and the service
-// pauses for a moment its users do not notice.
+// another with no maintenance window: nothing written is lost, and the
+// service pauses for a moment its users do not notice.
 //
-// A service opens its *sql.DB through a Connector:
+// # Wiring
 //
-//	c, err := swo.NewConnector(ctx, swo.Config{OldURL: oldURL, NextURL: nextURL})
-//	db := sql.OpenDB(c)
+// Every instance of the service opens its database through a [Connector],
+// configured with the current database and, for the time of a move, the
+// next one:
+//
+//	var cfg swo.Config
+//	cfg.LoadEnv("MYAPP")           // MYAPP_DB_URL, MYAPP_DB_URL_NEXT
+//	cfg.RegisterFlags(flag.CommandLine) // --db-url, --db-url-next
+//	flag.Parse()
+//	c, err := swo.NewConnector(ctx, cfg)
+//	db := sql.OpenDB(c)            // a database/sql service
+//	pool, err := c.OpenPool(ctx, nil) // or a pgx-native one
 //
 // With NextURL empty (normal mode) the connector is a thin pass-through to
-// OldURL that refuses an obsolete database. With NextURL set (switchover
-// mode) every instance of the service is a node of a switchover cluster; an
-// operator then calls Reset and Execute (usually from an admin page), and
-// every connector moves to the new database at the same instant.
+// OldURL that refuses a database that was switched away from. With NextURL
+// set (switchover mode) every instance is a node of a switchover cluster.
+// One connector may serve a *sql.DB and pgx pools at the same time.
 //
-// The story of a switchover, file by file:
+// # Operating a switchover
 //
-//   - swo.go (this file): Config, the operator's flags and environment, the
-//     constructor and Status.
-//   - lock.go: the advisory locks, and the argument why no write can reach the
-//     old database after the switch.
-//   - driver.go: the Connector, which routes new connections to the old or the
-//     new database and can pause them.
-//   - conn.go: the connection wrapper, which lets the connector drain the old
-//     database's connections without failing any query.
-//   - state.go: the cluster's state machine.
-//   - copy.go: the data sync (initial copy, change capture, incremental and
-//     final sync).
+// The host service exposes [Connector.Status], [Connector.Reset] and
+// [Connector.Execute] on its admin surface (behind its own
+// authentication). The operator's flow:
+//
+//  1. Start every instance with both URLs. Status lists every instance as
+//     a node; each must show a valid configuration.
+//  2. RESET ([Connector.Reset]) cancels anything in progress, removes change
+//     tracking, and checks every node and every precondition.
+//  3. EXECUTE ([Connector.Execute]) runs the switchover and returns once
+//     every instance uses the new database. If it fails, the service is
+//     still on the old database: RESET and EXECUTE again.
+//  4. Restart the instances with the new database as their only URL. The
+//     old database is obsolete: an instance pointed at it refuses to start
+//     ([ErrObsolete]).
+//
+// Before a successful EXECUTE, rolling back is RESET, then restarting with
+// the old URL only.
+//
+// # What a run does
+//
+// One node leads the run. It installs change capture (triggers) on the old
+// database, copies every table in parallel from one snapshot, and applies
+// the captured changes in rounds while the service works normally. Then it
+// opens the window: every node's new connections wait (they do not fail),
+// the old database's connections are closed as soon as they are idle, the
+// last changes are applied, and one transaction on the old database commits
+// the switch and marks the database obsolete. Waiting connections continue
+// on the new database. The window lasts tens of milliseconds, bounded by
+// Config.PauseBudget and Config.FinalTimeout; if the service's transactions
+// do not finish within the budget, the run aborts ([ErrPauseBudget]) and
+// the service carries on with the old database.
+//
+// # Guarantees
+//
+// No write reaches the old database after the switch, and none reaches the
+// new one before it: every application connection to the old database holds
+// a shared advisory lock for its whole life, and the switch commits while
+// the leader holds that lock exclusively. After the switch the old database
+// refuses writes itself, not only through well-behaved clients. Every
+// acknowledged write is in the database that is live afterwards, whatever
+// node, database or network fails, and at any moment. What the database
+// holds is moved exactly, or refused by the preconditions with an error
+// naming the objects ([PreconditionError]).
+//
+// # Connections the application holds
+//
+// Do not hold a connection from the connector across a switchover (a
+// *sql.Conn, a raw pgx connection, an acquired pool connection kept for
+// minutes): the switch waits for it within the pause budget. Do not call
+// pg_advisory_unlock_all or DISCARD ALL on them, and reach the old database
+// through a session-mode pooler, if any: they would drop the shared lock.
+// Hooks for the host's own connection set-up are [Config.BeforeConnect] and
+// [Config.AfterConnect].
 package swo
 
 import (
@@ -40,6 +90,8 @@ import (
 	"runtime/debug"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -47,7 +99,9 @@ import (
 
 	"github.com/pgswo/swo/internal/cluster"
 	"github.com/pgswo/swo/internal/dsn"
+	"github.com/pgswo/swo/internal/meta"
 	"github.com/pgswo/swo/internal/msglog"
+	"github.com/pgswo/swo/internal/replicate"
 )
 
 // Config configures a Connector. Only OldURL is required; every other field
@@ -94,17 +148,22 @@ type Config struct {
 	// FinalTimeout bounds the final sync and the commit of the switch,
 	// during which new connections wait. Default 10s.
 	FinalTimeout time.Duration
+	// BeforeConnect, if set, adjusts the pgx settings of every connection
+	// the connector opens, before it is dialled: a tracer, TLS settings, a
+	// dialer, runtime parameters, a password that changes (a cloud
+	// provider's token). It may not change where a connection goes (host,
+	// port, database, user). Runtime parameters it sets apply to the
+	// application's connections; the library's own sessions keep the URL's.
+	BeforeConnect func(ctx context.Context, cfg *pgx.ConnConfig) error
+	// AfterConnect, if set, runs on every new application connection of
+	// either front end, after the connector has taken its lock and read the
+	// switch state on it and before the application uses it: register
+	// custom types here. An error fails the connection.
+	AfterConnect func(ctx context.Context, conn *pgx.Conn) error
+
+	// timing of heartbeats and liveness (tests shorten it).
+	timing timings
 }
-
-// ErrObsolete is returned (wrapped) by NewConnector and Connect when a database
-// was switched away from: it must no longer be used.
-var ErrObsolete = errors.New("swo: database is obsolete")
-
-// ErrConfig is wrapped by configuration errors.
-var ErrConfig = errors.New("swo: invalid configuration")
-
-// ErrClosed is returned by Connect after Close.
-var ErrClosed = errors.New("swo: connector closed")
 
 var namespaceRE = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,30}$`)
 
@@ -161,104 +220,215 @@ func (c Config) withDefaults() Config {
 	if c.FinalTimeout <= 0 {
 		c.FinalTimeout = 10 * time.Second
 	}
+	if c.timing == (timings{}) {
+		c.timing = defaultTimings
+	}
 	return c
 }
 
 // parsed holds the validated connection settings.
 type parsed struct {
 	old, next *endpoint
+	redactor
 }
 
 func (c Config) parse() (parsed, error) {
 	var p parsed
 	if !namespaceRE.MatchString(c.Namespace) {
-		return p, fmt.Errorf("%w: Namespace %q: use 1 to 31 lower-case letters, digits or _, not starting with a digit", ErrConfig, c.Namespace)
+		return p, fmt.Errorf("swo: %w: Config.Namespace %q: use 1 to 31 lower-case letters, digits or _, not starting with a digit", ErrConfig, c.Namespace)
 	}
-	old, err := dsn.Parse("--db-url", c.OldURL)
+	old, err := dsn.Parse("Config.OldURL (--db-url)", c.OldURL)
 	if err != nil {
-		return p, fmt.Errorf("%w: %w", ErrConfig, err)
+		return p, fmt.Errorf("swo: %w: %w", ErrConfig, err)
 	}
-	p.old = &endpoint{cfg: old, label: "old"}
+	p.old = &endpoint{url: old, label: "old"}
+	p.passwords = []string{old.Password}
 	if c.NextURL != "" {
-		next, err := dsn.Parse("--db-url-next", c.NextURL)
+		next, err := dsn.Parse("Config.NextURL (--db-url-next)", c.NextURL)
 		if err != nil {
-			return p, fmt.Errorf("%w: %w", ErrConfig, err)
+			return p, fmt.Errorf("swo: %w: %w", ErrConfig, err)
 		}
-		p.next = &endpoint{cfg: next, label: "next"}
+		p.next = &endpoint{url: next, label: "next"}
+		p.passwords = append(p.passwords, next.Password)
 	}
 	return p, nil
 }
 
-// Errors of Reset and Execute that callers branch on.
-var (
-	// ErrNotReady: EXECUTE was refused (not after a successful RESET, or a
-	// node's configuration is not valid); nothing was changed.
-	ErrNotReady = errors.New("swo: not ready to execute")
-	// ErrRunFailed: the execution failed; the service runs on the old
-	// database. RESET, fix the cause, and EXECUTE again.
-	ErrRunFailed = errors.New("swo: execution failed")
-	// ErrResetFailed: RESET ran but a check failed; its text says what.
-	ErrResetFailed = errors.New("swo: reset failed")
-	// ErrDone: the switch is complete; there is nothing to reset.
-	ErrDone = errors.New("swo: the switch is done")
-)
+// Connector is the service's way to its database: a database/sql
+// driver.Connector (open the *sql.DB with sql.OpenDB(connector)) and a
+// source of pgx pools ([Connector.OpenPool]). In switchover mode it is also
+// this instance's node of the switchover cluster and the operator's handle
+// on it ([Connector.Reset], [Connector.Execute], [Connector.Status]).
+//
+// A Connector is made of three parts, each with its own state and
+// goroutines: the router (where new connections go; driver.go, conn.go,
+// pool.go), the node (membership and the cluster's state; state.go) and the
+// leader (the runs this node leads; copy.go). The Connector itself only
+// wires them and holds the operator's commands.
+type Connector struct {
+	*common
+	router *router
+	node   *node   // nil in normal mode
+	leader *leader // nil in normal mode
+	drv    *Driver
+
+	closed atomic.Bool
+	cancel context.CancelFunc
+	bg     sync.WaitGroup
+}
+
+// NewConnector checks the configuration, connects to the configured
+// databases, and returns a connector. In switchover mode it creates the
+// library's schema in both databases if needed and joins the cluster.
+//
+// It fails with an error wrapping ErrObsolete when OldURL names a database
+// that was switched away from (in switchover mode: unless NextURL is the
+// database it was switched to, which is then used), or NextURL names one.
+func NewConnector(ctx context.Context, cfg Config) (*Connector, error) {
+	cfg = cfg.withDefaults()
+	p, err := cfg.parse()
+	if err != nil {
+		return nil, err
+	}
+	keys := newLockKeys(cfg.Namespace)
+	s := &common{
+		cfg: cfg, log: cfg.Logger.With("swo.node", cfg.NodeName), keys: keys,
+		meta: meta.New(cfg.Namespace, keys.pair(lockSetup)), old: p.old, next: p.next,
+		redactor: p.redactor,
+	}
+	c := &Connector{common: s, router: newRouter(s)}
+	c.drv = &Driver{c: c}
+	bgCtx, cancel := context.WithCancel(context.Background())
+	c.cancel = cancel
+	if c.next == nil {
+		err = c.startNormal(ctx)
+	} else {
+		c.leader = &leader{common: s}
+		c.node = newNode(s, cfg.timing, c.router, c.leader)
+		c.leader.node = c.node
+		var conn *pgx.Conn
+		if conn, err = c.node.join(ctx); err == nil && conn != nil {
+			c.bg.Add(1)
+			go func() {
+				defer c.bg.Done()
+				c.node.follow(bgCtx, conn)
+			}()
+		}
+	}
+	if err != nil {
+		c.closed.Store(true)
+		c.router.close()
+		cancel()
+		c.bg.Wait()
+		return nil, c.public(err)
+	}
+	return c, nil
+}
+
+// startNormal refuses an obsolete database in normal mode.
+func (c *Connector) startNormal(ctx context.Context) error {
+	conn, err := c.connect(ctx, c.old, roleCtl)
+	if err != nil {
+		return err
+	}
+	defer closeBounded(conn)
+	info, ok, err := c.meta.Read(ctx, conn)
+	if err != nil {
+		return fmt.Errorf("read the state of %s: %w", c.old.describe(), err)
+	}
+	c.old.setInfo(info)
+	if ok && info.Obsolete() {
+		return c.obsolete(c.old, info)
+	}
+	return nil
+}
+
+// Close stops the connector's background work. database/sql calls it from
+// DB.Close; close the connector's pools before it. Connect and the pools'
+// new connections fail with ErrClosed afterwards.
+func (c *Connector) Close() error {
+	if !c.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	if c.leader != nil {
+		c.leader.close()
+	}
+	c.cancel()
+	c.bg.Wait()
+	c.router.close()
+	if c.node != nil && c.router.route.Load().target == toOld {
+		// Leave the node list at once rather than by timeout.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if conn, err := c.connect(ctx, c.old, roleCtl); err == nil {
+			_ = c.node.table.Remove(ctx, conn, c.node.id)
+			closeBounded(conn)
+		}
+	}
+	return nil
+}
 
 // Reset is the operator's RESET: it cancels any run on every node, removes
 // change capture, clears what a previous run wrote to the new database (and
 // only that), re-checks every node and every precondition, and leaves the
 // cluster idle. It returns nil when the cluster is idle, or an error that
-// says exactly why not (wrapping ErrResetFailed, ErrPreconditions or
-// ErrTargetNotEmpty).
+// says exactly why not (wrapping ErrResetFailed, and ErrPreconditions or
+// ErrTargetNotEmpty when those are the cause).
 func (c *Connector) Reset(ctx context.Context) error {
-	if c.next == nil {
-		return fmt.Errorf("%w: RESET needs --db-url-next", ErrConfig)
+	return c.public(c.reset(ctx))
+}
+
+func (c *Connector) reset(ctx context.Context) error {
+	if c.node == nil {
+		return fmt.Errorf("%w: RESET needs NextURL (--db-url-next)", ErrConfig)
 	}
-	if c.route.Load().target != toOld {
-		return fmt.Errorf("%w: restart the instances with --db-url pointing at the new database, without --db-url-next", ErrDone)
+	if c.router.route.Load().target != toOld {
+		return fmt.Errorf("%w: restart the instances with OldURL (--db-url) pointing at the new database, without NextURL (--db-url-next)", ErrDone)
 	}
+	n := c.node
 	conn, err := c.connect(ctx, c.old, roleCtl)
 	if err != nil {
 		return err
 	}
-	defer conn.Close(context.Background())
+	defer closeBounded(conn)
 	if info, _, err := c.meta.Read(ctx, conn); err == nil && info.Obsolete() {
-		return fmt.Errorf("%w: restart the instances with --db-url pointing at the new database, without --db-url-next", ErrDone)
+		return fmt.Errorf("%w: restart the instances with OldURL (--db-url) pointing at the new database, without NextURL (--db-url-next)", ErrDone)
 	}
 	// A switch that committed since is caught under the log's lock: its
 	// "done" (or the confirmations after it) is then the last message.
-	m, err := c.msgs.Append(ctx, conn, c.id, msglog.KindReset, 0, resetData{}, func(last *msglog.Message) error {
+	m, err := n.msgs.Append(ctx, conn, n.id, msglog.KindReset, 0, resetData{}, func(last *msglog.Message) error {
 		if last != nil && (last.Kind == msglog.KindDone || last.Kind == msglog.KindConfirm) {
 			return ErrDone
 		}
 		return nil
 	})
 	if err != nil {
-		return c.scrub(fmt.Errorf("swo: reset: %w", err))
+		return fmt.Errorf("reset: %w", err)
 	}
-	c.resetting.Store(m.Run)
-	defer c.resetting.CompareAndSwap(m.Run, 0)
-	c.poke()
-	c.log.Info("swo: RESET", "run", m.Run)
+	n.resetting.Store(m.Run)
+	defer n.resetting.CompareAndSwap(m.Run, 0)
+	n.poke()
+	c.log.Info("RESET", "run", m.Run)
 	resetErr := c.resetRun(ctx, conn)
 	kind, data := msglog.KindIdle, any(nil)
 	if resetErr != nil {
 		resetErr = c.scrub(resetErr)
-		kind, data = msglog.KindFailed, failedData{Error: resetErr.Error()}
+		kind, data = msglog.KindFailed, encodeFailure(resetErr)
 	}
-	_, err = c.msgs.Append(ctx, conn, c.id, kind, m.Run, data, func(last *msglog.Message) error {
+	_, err = n.msgs.Append(ctx, conn, n.id, kind, m.Run, data, func(last *msglog.Message) error {
 		if last == nil || last.Run != m.Run || last.Kind != msglog.KindReset {
 			return errors.New("another RESET started meanwhile")
 		}
 		return nil
 	})
-	c.poke()
+	n.poke()
 	if resetErr != nil {
 		return fmt.Errorf("%w: %w", ErrResetFailed, resetErr)
 	}
 	if err != nil {
-		return c.scrub(fmt.Errorf("%w: %w", ErrResetFailed, err))
+		return fmt.Errorf("%w: %w", ErrResetFailed, err)
 	}
-	c.waitView(ctx, func(v view) bool { return v.Run != m.Run || v.State != StateResetting })
+	n.waitView(ctx, func(v view) bool { return v.Run != m.Run || v.State != StateResetting })
 	return nil
 }
 
@@ -272,7 +442,7 @@ func (c *Connector) resetRun(ctx context.Context, conn *pgx.Conn) error {
 		if _, err := c.keys.terminateExclusiveHolders(ctx, conn, lockExec); err != nil {
 			return fmt.Errorf("the execution lock is held by %s and could not be taken over: %w", who, err)
 		}
-		c.log.Warn("swo: RESET ended the sessions of an unresponsive execution", "sessions", who)
+		c.log.Warn("RESET ended the sessions of an unresponsive execution", "sessions", who)
 		err = c.keys.lockExclusive(ctx, conn, lockExec, 15*time.Second)
 	}
 	if err != nil {
@@ -285,13 +455,13 @@ func (c *Connector) resetRun(ctx context.Context, conn *pgx.Conn) error {
 	if err := c.cleanup(ctx); err != nil {
 		return fmt.Errorf("clean up: %w", err)
 	}
-	if err := c.nodes.Prune(ctx, conn, nodeTimeout); err != nil {
+	if err := c.node.table.Prune(ctx, conn, c.node.timing.timeout); err != nil {
 		return err
 	}
-	if err := c.beat(ctx, conn); err != nil {
+	if err := c.node.beat(ctx, conn); err != nil {
 		return err
 	}
-	if err := c.nodeProblems(); err != nil {
+	if err := c.node.problems(); err != nil {
 		return err
 	}
 	r, err := c.check(ctx)
@@ -313,7 +483,7 @@ func (c *Connector) endStraySyncSessions(ctx context.Context) error {
 		}
 		_, err = conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE '%' || $1 || ':sync:%'`, c.cfg.Namespace)
-		conn.Close(context.Background())
+		closeBounded(conn)
 		if err != nil {
 			return err
 		}
@@ -321,55 +491,45 @@ WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_n
 	return nil
 }
 
-// nodeProblems returns an error naming every alive node whose configuration
-// is not valid.
-func (c *Connector) nodeProblems() error {
-	v, _ := c.currentView()
-	probs := cluster.Problems(v.Nodes)
-	var lines []string
-	for _, n := range v.Nodes {
-		if p := probs[n.ID]; p != "" {
-			lines = append(lines, fmt.Sprintf("node %s: %s", n.Name, p))
-		}
-	}
-	if len(lines) > 0 {
-		return fmt.Errorf("%d node(s) with an invalid configuration:\n  %s", len(lines), strings.Join(lines, "\n  "))
-	}
-	return nil
-}
-
 // Execute is the operator's EXECUTE: it refuses unless the cluster is idle
 // (after a RESET) and every node's configuration is valid; then one node
-// leads (this one if it may execute) the copy, the sync, the pause and the
-// switch. Execute returns nil once the new database is live on every node,
-// or an error saying what failed (the service then runs on the old
-// database: RESET and EXECUTE again). Cancelling ctx stops the waiting, not
-// the execution; RESET cancels an execution.
+// leads the run (this one if it may execute): the copy, the sync, the window
+// and the switch. Execute returns nil once the new database is live on every
+// node, or an error saying what failed (the service then runs on the old
+// database: RESET and EXECUTE again). A failure keeps its identity whichever
+// node led: errors.Is(err, ErrPauseBudget) and errors.As(err,
+// *PreconditionError) work here. Cancelling ctx stops the waiting, not the
+// run; RESET cancels a run.
 func (c *Connector) Execute(ctx context.Context) error {
-	if c.next == nil {
-		return fmt.Errorf("%w: EXECUTE needs --db-url-next", ErrConfig)
+	return c.public(c.execute(ctx))
+}
+
+func (c *Connector) execute(ctx context.Context) error {
+	if c.node == nil {
+		return fmt.Errorf("%w: EXECUTE needs NextURL (--db-url-next)", ErrConfig)
 	}
-	if c.route.Load().target == toNext {
+	if c.router.route.Load().target == toNext {
 		return nil
 	}
+	n := c.node
 	conn, err := c.connect(ctx, c.old, roleCtl)
 	if err != nil {
 		return err
 	}
-	defer conn.Close(context.Background())
-	if err := c.beat(ctx, conn); err != nil {
-		return c.scrub(err)
+	defer closeBounded(conn)
+	if err := n.beat(ctx, conn); err != nil {
+		return err
 	}
-	if err := c.nodeProblems(); err != nil {
+	if err := n.problems(); err != nil {
 		return fmt.Errorf("%w: %w", ErrNotReady, err)
 	}
-	v, _ := c.currentView()
-	leader, err := cluster.Leader(v.Nodes, c.id)
+	v, _ := n.currentView()
+	leader, err := cluster.Leader(v.Nodes, n.id)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrNotReady, err)
 	}
 	var state string
-	m, err := c.msgs.Append(ctx, conn, c.id, msglog.KindExecute, 0, executeData{Leader: leader}, func(last *msglog.Message) error {
+	m, err := n.msgs.Append(ctx, conn, n.id, msglog.KindExecute, 0, executeData{Leader: leader}, func(last *msglog.Message) error {
 		if last == nil || last.Kind != msglog.KindIdle {
 			state = "no RESET yet"
 			if last != nil {
@@ -383,19 +543,19 @@ func (c *Connector) Execute(ctx context.Context) error {
 		return fmt.Errorf("%w: EXECUTE needs a successful RESET first (%s)", ErrNotReady, state)
 	}
 	if err != nil {
-		return c.scrub(err)
+		return err
 	}
-	c.poke()
-	c.log.Info("swo: EXECUTE", "run", m.Run, "leader", nodeName(v.Nodes, leader))
+	n.poke()
+	c.log.Info("EXECUTE", "run", m.Run, "leader", nodeName(v.Nodes, leader))
 
 	// Wait for the outcome.
 	for {
-		v, changed := c.currentView()
+		v, changed := n.currentView()
 		switch {
 		case v.Run != m.Run && v.LastID >= m.ID:
 			return fmt.Errorf("%w: a RESET cancelled the execution", ErrRunFailed)
 		case v.Run == m.Run && v.State == StateFailed:
-			return fmt.Errorf("%w: %s", ErrRunFailed, v.Err)
+			return fmt.Errorf("%w: %w", ErrRunFailed, v.Err.err())
 		case v.Run == m.Run && v.State == StateDone:
 			return c.awaitConfirmations(ctx, conn, m.Run)
 		}
@@ -410,19 +570,20 @@ func (c *Connector) Execute(ctx context.Context) error {
 // awaitConfirmations waits until every alive node says it routes to the new
 // database; a node that stops answering meanwhile is not waited for.
 func (c *Connector) awaitConfirmations(ctx context.Context, conn *pgx.Conn, run int64) error {
-	deadline := time.Now().Add(2 * nodeTimeout)
+	timeout := c.node.timing.timeout
+	deadline := time.Now().Add(2 * timeout)
 	for {
-		nodes, err := c.nodes.List(ctx, conn, nodeTimeout)
+		nodes, err := c.node.table.List(ctx, conn, timeout)
 		if err != nil {
-			return c.scrub(err)
+			return err
 		}
-		rows, err := conn.Query(ctx, "SELECT DISTINCT node FROM "+c.msgs.Table+" WHERE run = $1 AND kind = $2", run, msglog.KindConfirm)
+		rows, err := conn.Query(ctx, "SELECT DISTINCT node FROM "+c.node.msgs.Table+" WHERE run = $1 AND kind = $2", run, msglog.KindConfirm)
 		if err != nil {
-			return c.scrub(err)
+			return err
 		}
 		confirmed, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
 		if err != nil {
-			return c.scrub(err)
+			return err
 		}
 		var missing []string
 		for _, n := range nodes {
@@ -434,8 +595,8 @@ func (c *Connector) awaitConfirmations(ctx context.Context, conn *pgx.Conn, run 
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("swo: switched (the new database is live), but node(s) %s did not confirm within %v: check them",
-				strings.Join(missing, ", "), 2*nodeTimeout)
+			return fmt.Errorf("switched (the new database is live), but node(s) %s did not confirm within %v: check them",
+				strings.Join(missing, ", "), 2*timeout)
 		}
 		select {
 		case <-ctx.Done():
@@ -445,31 +606,53 @@ func (c *Connector) awaitConfirmations(ctx context.Context, conn *pgx.Conn, run 
 	}
 }
 
-// waitView waits (bounded by ctx) until cond holds for the local view.
-func (c *Connector) waitView(ctx context.Context, cond func(view) bool) {
-	for {
-		v, changed := c.currentView()
-		if cond(v) {
-			return
-		}
-		select {
-		case <-changed:
-		case <-ctx.Done():
-			return
-		}
-	}
-}
+// ---- Status ----
+
+// Mode says whether a connector is a plain pass-through or a node of a
+// switchover.
+type Mode string
+
+// The modes.
+const (
+	ModeNormal     Mode = "normal"     // no NextURL: a pass-through to OldURL
+	ModeSwitchover Mode = "switchover" // NextURL set: a node of the switchover cluster
+)
+
+// Routing says where a node's new connections go.
+type Routing string
+
+// The routings.
+const (
+	RoutingOld     Routing = "old"     // to OldURL
+	RoutingNext    Routing = "next"    // to NextURL: the switch is done
+	RoutingRefused Routing = "refused" // nowhere: the configured databases are obsolete
+)
+
+// Phase is the part of a run under way, as Progress reports it.
+type Phase string
+
+// The phases, in the order of a run.
+const (
+	PhaseInitialCopy     Phase = replicate.PhaseInitialCopy
+	PhaseRebuildIndexes  Phase = replicate.PhaseRebuildIndexes
+	PhaseRefreshMatViews Phase = replicate.PhaseRefreshMatViews
+	PhaseIncremental     Phase = replicate.PhaseIncremental
+	PhasePausing         Phase = replicate.PhasePausing
+	PhaseFinalSync       Phase = replicate.PhaseFinalSync
+	PhaseSealing         Phase = replicate.PhaseSealing
+	PhaseValidating      Phase = replicate.PhaseValidating
+	PhaseDone            Phase = replicate.PhaseDone
+)
 
 // Status is a snapshot of the connector and its cluster, for admin pages.
-// Field names in JSON are stable.
+// Field names in JSON are stable; every duration is in milliseconds.
 type Status struct {
-	// Mode is "normal" (no NextURL) or "switchover".
-	Mode string `json:"mode"`
+	// Mode is normal (no NextURL) or switchover.
+	Mode Mode `json:"mode"`
 	// State is the cluster's state.
 	State State `json:"state"`
-	// Routing says where this node's new connections go: "old", "next", or
-	// "refused" (the configured databases are obsolete).
-	Routing string `json:"routing"`
+	// Routing says where this node's new connections go.
+	Routing Routing `json:"routing"`
 	// Paused is true while this node's new connections wait for the switch.
 	Paused bool `json:"paused"`
 	// Node is this instance; Nodes every instance of the cluster.
@@ -499,7 +682,7 @@ type NodeStatus struct {
 	NextID      string    `json:"next_db_id,omitempty"`
 	Alive       bool      `json:"alive"`
 	LastSeen    time.Time `json:"last_seen"`
-	Routing     string    `json:"routing,omitempty"`
+	Routing     Routing   `json:"routing,omitempty"`
 	Paused      bool      `json:"paused"`
 	Leader      bool      `json:"leader"`
 	LastError   string    `json:"last_error,omitempty"`
@@ -513,88 +696,161 @@ type DatabaseStatus struct {
 }
 
 // Timings of a run, from the message log (the old database's clock) and the
-// leader's own measurement of the pause.
+// leader's own measurement of the window.
 type Timings struct {
 	ResetAt   *time.Time `json:"reset_at,omitempty"`
 	ExecuteAt *time.Time `json:"execute_at,omitempty"`
 	PauseAt   *time.Time `json:"pause_at,omitempty"`
 	DoneAt    *time.Time `json:"done_at,omitempty"`
 	FailedAt  *time.Time `json:"failed_at,omitempty"`
-	// SyncMS is the copy and incremental sync, from EXECUTE to the pause.
+	// SyncMS is the sync: from EXECUTE to the pause.
 	SyncMS int64 `json:"sync_ms,omitempty"`
-	// PauseMS is the stop-the-world window measured by the leader (drain,
-	// final sync, commit); FinalMS the final sync and commit within it.
+	// PauseMS is the window as the leader measured it (drain, final sync,
+	// commit); FinalMS the final sync and commit within it.
 	PauseMS int64 `json:"pause_ms,omitempty"`
 	FinalMS int64 `json:"final_ms,omitempty"`
 	// TotalMS is from EXECUTE to the switch.
 	TotalMS int64 `json:"total_ms,omitempty"`
 }
 
+// Progress is the progress of a run's current phase. Totals are estimates
+// (0 when unknown).
+type Progress struct {
+	Phase      Phase   `json:"phase"`
+	Table      string  `json:"table,omitempty"`
+	RowsDone   int64   `json:"rows_done"`
+	RowsTotal  int64   `json:"rows_total"`
+	BytesDone  int64   `json:"bytes_done"`
+	BytesTotal int64   `json:"bytes_total"`
+	RowsPerSec float64 `json:"rows_per_sec"`
+	ElapsedMS  int64   `json:"elapsed_ms"`
+	ETAMS      int64   `json:"eta_ms"` // 0 when unknown
+}
+
+func progressOf(s replicate.Snapshot) Progress {
+	return Progress{Phase: Phase(s.Phase), Table: s.Table, RowsDone: s.RowsDone, RowsTotal: s.RowsTotal,
+		BytesDone: s.BytesDone, BytesTotal: s.BytesTotal, RowsPerSec: s.RowsPerSec,
+		ElapsedMS: s.Elapsed.Milliseconds(), ETAMS: s.ETA.Milliseconds()}
+}
+
+// VerifyReport is the result of Verify.
+type VerifyReport struct {
+	Tables    []TableCheck    `json:"tables"`
+	Sequences []SequenceCheck `json:"sequences"`
+	Equal     bool            `json:"equal"` // every table and sequence equal
+}
+
+// TableCheck compares one table between the two databases.
+type TableCheck struct {
+	Table     string `json:"table"`
+	OldRows   int64  `json:"old_rows"`
+	NewRows   int64  `json:"new_rows"`
+	OldDigest string `json:"old_digest"`
+	NewDigest string `json:"new_digest"`
+	Equal     bool   `json:"equal"`
+}
+
+// SequenceCheck compares one sequence's state between the two databases.
+type SequenceCheck struct {
+	Sequence string `json:"sequence"`
+	Old      string `json:"old"` // "next value 43"
+	New      string `json:"new"`
+	Equal    bool   `json:"equal"`
+}
+
+// Differences lists the tables that differ.
+func (r VerifyReport) Differences() []TableCheck {
+	var out []TableCheck
+	for _, t := range r.Tables {
+		if !t.Equal {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+func (r VerifyReport) String() string { return r.internal().String() }
+
+func (r VerifyReport) internal() replicate.Report {
+	out := replicate.Report{Equal: r.Equal}
+	for _, t := range r.Tables {
+		out.Tables = append(out.Tables, replicate.TableCheck(t))
+	}
+	for _, s := range r.Sequences {
+		out.Sequences = append(out.Sequences, replicate.SequenceCheck(s))
+	}
+	return out
+}
+
+func verifyReport(r replicate.Report) VerifyReport {
+	out := VerifyReport{Equal: r.Equal}
+	for _, t := range r.Tables {
+		out.Tables = append(out.Tables, TableCheck(t))
+	}
+	for _, s := range r.Sequences {
+		out.Sequences = append(out.Sequences, SequenceCheck(s))
+	}
+	return out
+}
+
 // Status returns a snapshot of this node and its cluster. It does not touch
 // the databases: the node list and state are those of the last heartbeat
 // and log read (at most a second old).
 func (c *Connector) Status() Status {
-	r := c.route.Load()
-	s := Status{
-		Mode:    "normal",
-		Routing: r.String(),
-		Paused:  r.paused != nil,
-		Old:     dbStatus(c.old),
-	}
-	c.stateMu.Lock()
-	s.Node = NodeStatus{
-		ID: c.id.String(), Name: c.cfg.NodeName, Version: c.cfg.Version, CanExec: !c.cfg.APIOnly,
-		OldID: idString(c.old.info.ID), Alive: true, LastSeen: time.Now(), Routing: s.Routing, Paused: s.Paused,
-		LastError: errString(c.lastErr),
-	}
-	s.LastError = s.Node.LastError
-	configErr := c.configErr
-	c.stateMu.Unlock()
-	if c.next == nil {
+	routing, paused := c.router.report()
+	s := Status{Mode: ModeNormal, Routing: routing, Paused: paused, Old: dbStatus(c.old)}
+	s.Node = NodeStatus{ID: "", Name: c.cfg.NodeName, Version: c.cfg.Version, CanExec: !c.cfg.APIOnly,
+		OldID: idString(c.old.Info().ID), Alive: true, LastSeen: time.Now(), Routing: routing, Paused: paused}
+	if c.node == nil {
 		return s
 	}
-	s.Mode = "switchover"
+	n := c.node
+	configErr, lastErr := n.errs()
+	s.Node.ID = n.id.String()
+	s.Node.LastError = errString(lastErr)
+	s.LastError = s.Node.LastError
+	s.Mode = ModeSwitchover
 	next := dbStatus(c.next)
 	s.Next = &next
-	s.Node.NextID = idString(c.nextInfo().ID)
+	s.Node.NextID = idString(c.next.Info().ID)
 	s.Node.ConfigValid = configErr == nil
 	s.Node.ConfigError = errString(configErr)
 
-	v, _ := c.currentView()
+	v, _ := n.currentView()
 	s.State = v.State
-	if r.target != toOld {
+	if routing != RoutingOld {
 		s.State = StateDone
 		s.Old.Obsolete = true
 	}
-	if v.Err != "" {
-		s.LastError = v.Err
+	if v.Err.Error != "" {
+		s.LastError = v.Err.Error
 	}
 	probs := cluster.Problems(v.Nodes)
-	for _, n := range v.Nodes {
+	for _, cn := range v.Nodes {
 		ns := NodeStatus{
-			ID: n.ID.String(), Name: n.Name, Version: n.Version, CanExec: n.CanExec,
-			ConfigValid: n.Alive && probs[n.ID] == "", ConfigError: probs[n.ID],
-			OldID: idString(n.OldID), NextID: idString(n.NextID), Alive: n.Alive, LastSeen: n.SeenAt,
-			Leader: n.ID == v.Leader && v.Leader != uuid.Nil,
+			ID: cn.ID.String(), Name: cn.Name, Version: cn.Version, CanExec: cn.CanExec,
+			ConfigValid: cn.Alive && probs[cn.ID] == "", ConfigError: probs[cn.ID],
+			OldID: idString(cn.OldID), NextID: idString(cn.NextID), Alive: cn.Alive, LastSeen: cn.SeenAt,
+			Leader: cn.ID == v.Leader && v.Leader != uuid.Nil,
 		}
-		if !n.Alive {
-			ns.ConfigError = "not seen for more than " + nodeTimeout.String()
+		if !cn.Alive {
+			ns.ConfigError = "not seen for more than " + n.timing.timeout.String()
 		}
 		var rep nodeReport
-		if json.Unmarshal(n.Status, &rep) == nil {
+		if json.Unmarshal(cn.Status, &rep) == nil {
 			ns.Routing, ns.Paused, ns.LastError = rep.Routing, rep.Paused, rep.LastError
 			if ns.Leader && rep.Progress != nil && v.State.Running() {
 				s.Progress = rep.Progress
 			}
 		}
-		if n.ID == c.id {
+		if cn.ID == n.id {
 			s.Node.ConfigValid = s.Node.ConfigValid && ns.ConfigValid
 			s.Node.ConfigError = ns.ConfigError
 			s.Node.Leader = ns.Leader
 		}
 		s.Nodes = append(s.Nodes, ns)
 	}
-	if p := c.leaderProgress(); p != nil {
+	if p := c.leader.progress(); p != nil {
 		s.Progress = p
 	}
 	at := func(kind string) *time.Time {
@@ -612,4 +868,16 @@ func (c *Connector) Status() Status {
 		s.Timings.TotalMS = s.Timings.DoneAt.Sub(*s.Timings.ExecuteAt).Milliseconds()
 	}
 	return s
+}
+
+func dbStatus(e *endpoint) DatabaseStatus {
+	info := e.Info()
+	return DatabaseStatus{Addr: e.describe(), ID: idString(info.ID), Obsolete: info.Obsolete()}
+}
+
+func idString(id uuid.UUID) string {
+	if id == uuid.Nil {
+		return ""
+	}
+	return id.String()
 }

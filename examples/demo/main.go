@@ -221,8 +221,8 @@ func showProgress(c *swo.Connector, stop <-chan struct{}) {
 			if p.RowsTotal > 0 {
 				line += fmt.Sprintf(" | %d/%d rows", p.RowsDone, p.RowsTotal)
 			}
-			if p.ETA > 0 {
-				line += fmt.Sprintf(" | ETA %v", p.ETA.Round(100*time.Millisecond))
+			if p.ETAMS > 0 {
+				line += fmt.Sprintf(" | ETA %v", (time.Duration(p.ETAMS) * time.Millisecond).Round(100*time.Millisecond))
 			}
 		}
 		if line != last {

@@ -97,7 +97,7 @@ func (e *Engine) InitialCopy(ctx context.Context) error {
 		rows += max(t.RowsEstimate, 0)
 		bytes += t.Bytes
 	}
-	e.progress().SetPhase("initial copy", rows, bytes)
+	e.progress().SetPhase(PhaseInitialCopy, rows, bytes)
 	units := e.plan()
 	work := make(chan unit)
 	g, gctx := errgroup.WithContext(ctx)

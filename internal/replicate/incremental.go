@@ -213,7 +213,7 @@ func (e *Engine) Backlog(ctx context.Context, src *pgx.Conn) (int64, error) {
 func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Duration) error {
 	limit := 5000
 	drained := 0
-	e.progress().SetPhase("incremental sync", 0, 0)
+	e.progress().SetPhase(PhaseIncremental, 0, 0)
 	for {
 		if err := ctx.Err(); err != nil {
 			return err

@@ -7,6 +7,20 @@ import (
 	"time"
 )
 
+// The phases a run reports, in order. The root package exports them as
+// swo.Phase values.
+const (
+	PhaseInitialCopy     = "initial copy"
+	PhaseRebuildIndexes  = "rebuild indexes"
+	PhaseRefreshMatViews = "refresh materialized views"
+	PhaseIncremental     = "incremental sync"
+	PhasePausing         = "pausing"
+	PhaseFinalSync       = "final sync"
+	PhaseSealing         = "sealing the old database"
+	PhaseValidating      = "validating foreign keys"
+	PhaseDone            = "done"
+)
+
 // Progress tracks a run for Status. Counters are updated by the copy
 // workers as bytes stream through; readers take a Snapshot at any time.
 type Progress struct {

@@ -60,9 +60,9 @@ func (e *Engine) undoRecords(ctx context.Context, conn *pgx.Conn, kinds ...strin
 // indexes, disables user triggers, and truncates the tables. The tables in
 // e.Keep, whose content was already identical to the source's, are not
 // truncated here: the copy replaces their rows in one transaction, so an
-// abort leaves them with their rows. also are statements to run in the same
+// abort leaves them with their rows. also, if not nil, runs in the same
 // transaction (the caller's marks).
-func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, also ...string) error {
+func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, also func(context.Context, pgx.Tx) error) error {
 	pending, err := e.undoRecords(ctx, conn, undoTruncate, undoConstraint, undoIndex, undoFK, undoTrigger, undoValidate, undoMatView)
 	if err != nil {
 		return fmt.Errorf("prepare target: %w", err)
@@ -131,11 +131,11 @@ func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, also ...string) er
 	if len(names) > 0 {
 		b.Queue(truncateOnly(names))
 	}
-	for _, sql := range also {
-		b.Queue(sql)
-	}
 	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		return tx.SendBatch(ctx, b).Close()
+		if err := tx.SendBatch(ctx, b).Close(); err != nil || also == nil {
+			return err
+		}
+		return also(ctx, tx)
 	})
 	if err != nil {
 		return fmt.Errorf("prepare target: %w", err)
@@ -203,7 +203,7 @@ func (e *Engine) RefreshMatViews(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close(context.Background())
-	e.progress().SetPhase("refresh materialized views", int64(len(order)), 0)
+	e.progress().SetPhase(PhaseRefreshMatViews, int64(len(order)), 0)
 	for _, m := range order {
 		e.progress().SetTable(m.String())
 		if _, err := conn.Exec(ctx, refresh(m, m.Populated)); err != nil {
@@ -226,7 +226,7 @@ func (e *Engine) RebuildIndexes(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("rebuild indexes: %w", err)
 	}
-	return e.restoreParallel(ctx, recs, "rebuild indexes")
+	return e.restoreParallel(ctx, recs, PhaseRebuildIndexes)
 }
 
 // restoreParallel applies undo records, one table per worker at a time.
@@ -345,7 +345,7 @@ func (e *Engine) Finish(ctx context.Context) error {
 // and needs nothing but the target's undo table, so it works after any
 // failure, on any node. The caller must make sure the switch did not commit:
 // after it, the target is the live database.
-func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source uuid.UUID, also ...string) error {
+func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source uuid.UUID, also func(context.Context, pgx.Tx) error) error {
 	e := &Engine{Dst: dst, Schema: librarySchema}
 	conn, err := Connect(ctx, dst)
 	if err != nil {
@@ -408,12 +408,10 @@ func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source
 			return err
 		}
 	}
-	for _, sql := range also {
-		if _, err := conn.Exec(ctx, sql); err != nil {
-			return err
-		}
+	if also == nil {
+		return nil
 	}
-	return nil
+	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error { return also(ctx, tx) })
 }
 
 // Pending reports how many target objects are still to be restored (tests and Status).
