@@ -204,7 +204,11 @@ func (r *syncRun) startCapture(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close(context.Background())
-	return r.cap.Install(ctx, conn, r.eng.Source.Tables, capture.Options{Timeout: r.c.cfg.CaptureTimeout})
+	err = r.cap.Install(ctx, conn, r.eng.Source.Tables, capture.Options{Timeout: r.c.cfg.CaptureTimeout})
+	if errors.Is(err, capture.ErrBlocked) {
+		return fmt.Errorf("%w (waited Config.CaptureTimeout, %v: end those transactions, or raise it)", err, r.c.cfg.CaptureTimeout)
+	}
+	return err
 }
 
 // prepare readies the target for the bulk load and marks it as being filled
@@ -663,7 +667,7 @@ func (lr *leaderRun) pause(ctx context.Context, window time.Duration) (time.Time
 		fmt.Sprintf("%dms", window.Milliseconds())); err != nil {
 		return time.Time{}, err
 	}
-	lr.progress.SetPhase(string(PhasePausing), 0, 0)
+	lr.progress.SetPhase(replicate.PhasePausing, 0, 0)
 	start := time.Now()
 	if err := lr.appendObserved(ctx, msglog.KindPause, pauseData{BudgetMS: budget.Milliseconds(), FinalMS: finalBudget.Milliseconds()}, msglog.KindPrepare); err != nil {
 		return start, err
@@ -704,7 +708,7 @@ func (lr *leaderRun) pause(ctx context.Context, window time.Duration) (time.Time
 // Its COMMIT is the switch: every node reads the mark or the "done" message.
 func (lr *leaderRun) commit(ctx context.Context, pauseStart time.Time) (replicate.FinalResult, error) {
 	budget, finalBudget := lr.cfg.PauseBudget, lr.cfg.FinalTimeout
-	lr.progress.SetPhase(string(PhaseFinalSync), 0, 0)
+	lr.progress.SetPhase(replicate.PhaseFinalSync, 0, 0)
 	finalStart := time.Now()
 	tx, err := lr.sess.BeginTx(ctx, pgx.TxOptions{BeginQuery: fmt.Sprintf(
 		"BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = %[1]d; SET LOCAL lock_timeout = %[1]d; SET LOCAL synchronous_commit = on",
@@ -755,18 +759,18 @@ func (lr *leaderRun) commit(ctx context.Context, pauseStart time.Time) (replicat
 // a failure here is reported, not fatal.
 func (lr *leaderRun) afterSwitch(ctx context.Context, res replicate.FinalResult) {
 	r := lr.sync
-	lr.progress.SetPhase(string(PhaseSealing), 0, 0)
+	lr.progress.SetPhase(replicate.PhaseSealing, 0, 0)
 	if err := r.eng.FreezeSequences(ctx, res); err != nil {
 		lr.node.noteErr(fmt.Errorf("switched, but freezing sequences in the old database failed (nextval still works there): %w", err))
 	}
 	if err := r.sealPartitioned(ctx); err != nil {
 		lr.node.noteErr(fmt.Errorf("switched, but sealing partitioned tables in the old database failed (a partition created there later would take writes): %w", err))
 	}
-	lr.progress.SetPhase(string(PhaseValidating), 0, 0)
+	lr.progress.SetPhase(replicate.PhaseValidating, 0, 0)
 	if err := r.eng.Finish(ctx); err != nil {
 		lr.node.noteErr(fmt.Errorf("switched, but validating foreign keys in the new database failed: %w", err))
 	}
-	lr.progress.SetPhase(string(PhaseDone), 0, 0)
+	lr.progress.SetPhase(replicate.PhaseDone, 0, 0)
 }
 
 // failed reports a failed run and, if the leader's session still holds the

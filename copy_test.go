@@ -17,7 +17,6 @@ import (
 	"github.com/pgswo/swo/internal/capture"
 	"github.com/pgswo/swo/internal/pgtest"
 	"github.com/pgswo/swo/internal/replicate"
-	"github.com/pgswo/swo/internal/schema"
 )
 
 // awkwardTypes is shared by both databases.
@@ -565,10 +564,11 @@ CREATE TABLE child (id int PRIMARY KEY, p int REFERENCES parent);`)
 	if !errors.Is(err, ErrPreconditions) {
 		t.Fatalf("err = %v, want ErrPreconditions", err)
 	}
-	var ps schema.Problems
-	if !errors.As(err, &ps) {
+	var pe *PreconditionError
+	if !errors.As(err, &pe) {
 		t.Fatalf("error carries no problem list: %v", err)
 	}
+	ps := pe.Problems
 	want := map[string]string{
 		"public.only_old":     "table missing",
 		"public.nokey":        "no primary key",
@@ -618,7 +618,7 @@ func TestPreconditionPrivilegesAndSameDatabase(t *testing.T) {
 	d := pgtest.NewDatabase(t)
 	pgtest.Exec(t, d.URL, "CREATE TABLE t (id int PRIMARY KEY)")
 	c2 := newConnector(t, Config{OldURL: d.URL, NextURL: strings.Replace(d.URL, "127.0.0.1", "localhost", 1)})
-	if _, err := c2.check(testCtx(t)); err == nil || !strings.Contains(err.Error(), "database: --db-url and --db-url-next reach the same database") {
+	if _, err := c2.check(testCtx(t)); err == nil || !strings.Contains(err.Error(), "database: --db-url and --db-url-next (Config.OldURL and Config.NextURL) reach the same database") {
 		t.Fatalf("same database not refused: %v", err)
 	}
 }

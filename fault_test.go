@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -202,7 +203,9 @@ func TestLeaderKilled(t *testing.T) {
 // run aborts when the budget is spent, the transaction carries on and
 // commits, the service stays on the old database, and a later run succeeds.
 func TestPauseBudgetExceeded(t *testing.T) {
-	tc := newCluster(t, 2, false, func(i int, cfg *Config) { cfg.PauseBudget = 500 * time.Millisecond })
+	// Node 1 may not lead: node 0 leads, node 1 presses EXECUTE, and the
+	// failure reaches it with its identity.
+	tc := newCluster(t, 2, false, func(i int, cfg *Config) { cfg.PauseBudget = 500 * time.Millisecond; cfg.APIOnly = i == 1 })
 	ctx := testCtx(t)
 	l := startLoadOn(tc, 2, 0)
 	defer l.halt()
@@ -221,11 +224,12 @@ func TestPauseBudgetExceeded(t *testing.T) {
 		}
 	}
 	start := time.Now()
-	err := tc.nodes[0].Execute(ctx)
+	err := tc.nodes[1].Execute(ctx)
 	if txErr != nil {
 		t.Fatal(txErr)
 	}
-	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "pause budget exceeded") || !strings.Contains(err.Error(), "swo:app:node-1") {
+	if !errors.Is(err, ErrRunFailed) || !errors.Is(err, ErrPauseBudget) || !strings.Contains(err.Error(), "pause budget exceeded") ||
+		!strings.Contains(err.Error(), "swo:app:node-1") || strings.Count(err.Error(), "swo: ") != 1 {
 		t.Fatalf("EXECUTE with a long transaction: %v", err)
 	}
 	t.Logf("aborted after %v: %v", time.Since(start), err)
@@ -256,6 +260,33 @@ func TestPauseBudgetExceeded(t *testing.T) {
 		t.Fatalf("the long transaction's rows in the new database: %d, %v", n, err)
 	}
 	l.check(t, tc, doneAt(t, tc))
+}
+
+// TestPreconditionFailureReachesTheOtherNodes makes the leader's
+// preconditions fail at EXECUTE (the new database changed after RESET): the
+// node that pressed EXECUTE gets the list of problems, not only their text.
+func TestPreconditionFailureReachesTheOtherNodes(t *testing.T) {
+	tc := newCluster(t, 2, false, func(i int, cfg *Config) { cfg.APIOnly = i == 1 })
+	ctx := testCtx(t)
+	if err := tc.nodes[1].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.Exec(t, tc.next.URL, "ALTER TABLE notes ADD COLUMN extra int NOT NULL")
+	err := tc.nodes[1].Execute(ctx)
+	var pe *PreconditionError
+	if !errors.Is(err, ErrRunFailed) || !errors.Is(err, ErrPreconditions) || !errors.As(err, &pe) {
+		t.Fatalf("EXECUTE after the new database changed: %v", err)
+	}
+	found := false
+	for _, p := range pe.Problems {
+		found = found || (p.Object == "public.notes.extra" && strings.Contains(p.Issue, "NOT NULL"))
+	}
+	if !found {
+		t.Fatalf("problem on public.notes.extra not listed: %+v", pe.Problems)
+	}
+	if s := tc.nodes[0].Status(); !s.Node.Leader && !slices.ContainsFunc(s.Nodes, func(n NodeStatus) bool { return n.Leader && n.Name == "node-0" }) {
+		t.Fatalf("node-0 did not lead: %+v", s.Nodes)
+	}
 }
 
 func TestDeadNodeIsNoticed(t *testing.T) {

@@ -183,6 +183,7 @@ func (v *view) apply(m msglog.Message, now time.Time) bool {
 	case msglog.KindDone:
 		_ = m.Decode(&v.Done)
 	case msglog.KindFailed:
+		v.Err = failure{} // a failure replaces an earlier one whole
 		_ = m.Decode(&v.Err)
 	}
 	v.State = to

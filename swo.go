@@ -9,11 +9,11 @@
 // next one:
 //
 //	var cfg swo.Config
-//	cfg.LoadEnv("MYAPP")           // MYAPP_DB_URL, MYAPP_DB_URL_NEXT
+//	cfg.LoadEnv("MYAPP")                // MYAPP_DB_URL, MYAPP_DB_URL_NEXT
 //	cfg.RegisterFlags(flag.CommandLine) // --db-url, --db-url-next
 //	flag.Parse()
 //	c, err := swo.NewConnector(ctx, cfg)
-//	db := sql.OpenDB(c)            // a database/sql service
+//	db := sql.OpenDB(c)               // a database/sql service
 //	pool, err := c.OpenPool(ctx, nil) // or a pgx-native one
 //
 // With NextURL empty (normal mode) the connector is a thin pass-through to
@@ -219,6 +219,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.FinalTimeout <= 0 {
 		c.FinalTimeout = 10 * time.Second
+	}
+	if c.CaptureTimeout <= 0 {
+		c.CaptureTimeout = 30 * time.Second
 	}
 	if c.timing == (timings{}) {
 		c.timing = defaultTimings
@@ -633,15 +636,15 @@ type Phase string
 
 // The phases, in the order of a run.
 const (
-	PhaseInitialCopy     Phase = replicate.PhaseInitialCopy
-	PhaseRebuildIndexes  Phase = replicate.PhaseRebuildIndexes
-	PhaseRefreshMatViews Phase = replicate.PhaseRefreshMatViews
-	PhaseIncremental     Phase = replicate.PhaseIncremental
-	PhasePausing         Phase = replicate.PhasePausing
-	PhaseFinalSync       Phase = replicate.PhaseFinalSync
-	PhaseSealing         Phase = replicate.PhaseSealing
-	PhaseValidating      Phase = replicate.PhaseValidating
-	PhaseDone            Phase = replicate.PhaseDone
+	PhaseInitialCopy     Phase = "initial copy"               // tables copied in parallel from one snapshot
+	PhaseRebuildIndexes  Phase = "rebuild indexes"            // the new database's indexes and keys, dropped for the load
+	PhaseRefreshMatViews Phase = "refresh materialized views" // computed in the new database
+	PhaseIncremental     Phase = "incremental sync"           // rounds of captured changes
+	PhasePausing         Phase = "pausing"                    // the window: waiting for the old database's connections
+	PhaseFinalSync       Phase = "final sync"                 // the window: last round and commit
+	PhaseSealing         Phase = "sealing the old database"   // after the switch: sequences, partitions
+	PhaseValidating      Phase = "validating foreign keys"    // after the switch, in the new database
+	PhaseDone            Phase = "done"
 )
 
 // Status is a snapshot of the connector and its cluster, for admin pages.

@@ -228,7 +228,7 @@ func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Dur
 			return err
 		}
 		e.progress().Add(int64(res.Changes), 0)
-		e.log().Debug("swo: incremental round", "changes", res.Changes, "keys", res.Keys, "rows", res.Rows,
+		e.log().Debug("incremental round", "changes", res.Changes, "keys", res.Keys, "rows", res.Rows,
 			"duration", res.Duration, "backlog", backlog, "limit", limit)
 		if res.Changes < limit {
 			drained++

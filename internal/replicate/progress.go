@@ -8,7 +8,7 @@ import (
 )
 
 // The phases a run reports, in order. The root package exports them as
-// swo.Phase values.
+// swo.Phase values (a test keeps the two lists equal).
 const (
 	PhaseInitialCopy     = "initial copy"
 	PhaseRebuildIndexes  = "rebuild indexes"
