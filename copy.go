@@ -882,10 +882,10 @@ const strayGrace = 300 * time.Millisecond
 
 func (c *common) listStraySessions(ctx context.Context, conn *pgx.Conn) ([]string, error) {
 	rows, err := conn.Query(ctx, `SELECT a.pid || ' ' || a.application_name FROM pg_stat_activity a
-WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.application_name LIKE '%' || $1 || ':app%'
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.application_name ~ $1
 	AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
 	AND a.backend_start < statement_timestamp() - interval '1 second'
-	AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND `+c.keys.on(lockConn)+`)`, c.cfg.Namespace)
+	AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND `+c.keys.on(lockConn)+`)`, c.sessionsOf(roleApp, roleAppNormal))
 	if err != nil {
 		return nil, err
 	}

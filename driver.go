@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -122,18 +123,29 @@ func (s *common) config(ctx context.Context, e *endpoint, role string) (*pgx.Con
 }
 
 // appName is the application_name of a connection: the one configured in the
-// URL if any, then "<namespace>:<role>:<node>" ("swo:app:web-1" by default),
-// cut to PostgreSQL's 63 bytes. The namespace keeps two deployments' sessions
-// apart when RESET ends a stuck run's sessions.
+// URL if any, then the marker "<namespace>:<role>:" and the node's name
+// ("swo:app:web-1" by default). It fits PostgreSQL's 63 bytes by cutting the
+// URL's name first, then the node's, never the marker: the library finds its
+// sessions by it (sessionsOf), and two namespaces' sessions stay apart.
 func (s *common) appName(e *endpoint, role string) string {
+	const limit = 63 // NAMEDATALEN - 1
 	name := s.cfg.Namespace + ":" + role + ":" + s.cfg.NodeName
-	if base := e.url.RuntimeParams["application_name"]; base != "" {
-		name = base + " " + name
+	if len(name) > limit {
+		name = name[:limit]
 	}
-	if len(name) > 63 {
-		name = name[:63]
+	if base := e.url.RuntimeParams["application_name"]; base != "" {
+		if room := limit - len(name) - 1; room > 0 {
+			name = base[:min(len(base), room)] + " " + name
+		}
 	}
 	return name
+}
+
+// sessionsOf is a regular expression (for PostgreSQL's ~) matching the
+// application_name of this namespace's sessions in the given roles: the
+// marker, at the start or after the URL's own name, exactly.
+func (s *common) sessionsOf(roles ...string) string {
+	return "(^| )" + s.cfg.Namespace + ":(" + strings.Join(roles, "|") + "):"
 }
 
 // connect opens a pgx connection to e for the library's own use. Its

@@ -485,7 +485,7 @@ func (c *Connector) endStraySyncSessions(ctx context.Context) error {
 			return err
 		}
 		_, err = conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE '%' || $1 || ':sync:%'`, c.cfg.Namespace)
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name ~ $1`, c.sessionsOf(roleSync))
 		closeBounded(conn)
 		if err != nil {
 			return err
