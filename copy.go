@@ -732,7 +732,14 @@ func (lr *leaderRun) commit(ctx context.Context, pauseStart time.Time) (replicat
 	lr.log.Debug("final sync committed on the new database", "after", time.Since(pauseStart), "changes", res.Changes, "final", res.Duration)
 	lr.at(ctx, "final")
 
-	to := lr.next.Info().ID
+	// The identity recorded is the one the new database holds now, read on
+	// it (a node starting meanwhile may have given it a new one).
+	info, _, err := lr.meta.Read(ctx, lr.dst)
+	if err != nil {
+		return res, fmt.Errorf("read the new database's identity: %w", err)
+	}
+	to := info.ID
+	lr.next.setInfo(info)
 	msg := fmt.Sprintf("swo: database %s is obsolete: it was switched over to database %s; writes are refused. Use the new database.",
 		lr.old.Info().ID, to)
 	mark := append([]string{lr.meta.MarkSwitchedSQL(to)}, lr.sync.cap.RejectWritesSQL(msg)...)

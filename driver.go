@@ -184,6 +184,8 @@ const (
 type route struct {
 	target int
 	err    error         // when refused
+	to     uuid.UUID     // when refused: the identity of the database the old one was switched to
+	at     time.Time     // when refused: when the next database's identity was last read
 	paused chan struct{} // non-nil while paused; closed when the pause ends
 }
 
@@ -329,19 +331,51 @@ func (r *router) afterConnect(ctx context.Context, conn *pgx.Conn) error {
 }
 
 // switched moves the node to the new database: new connections go there,
-// every application connection to the old database is drained.
+// every application connection to the old database is drained. If the old
+// database was switched to another database than NextURL's, new connections
+// are refused.
 func (r *router) switched(to uuid.UUID) {
 	rt := &route{target: toNext}
-	if next := r.next.Info().ID; to != next {
+	next := r.next.Info().ID
+	if to != next {
+		// The identity this node knows may be stale: the next database was
+		// unreachable when the node last read it, or another node gave it a
+		// new one since. Read it again before refusing.
+		next = r.refreshNext()
+	}
+	if to != next {
 		info := r.old.Info()
 		info.SwitchedTo = to
-		rt = &route{target: refused, err: fmt.Errorf("%w (and not to the database of --db-url-next, Config.NextURL: %s)", r.obsolete(r.old, info), next)}
+		rt = &route{target: refused, to: to, at: time.Now(),
+			err: fmt.Errorf("%w (and not to the database of --db-url-next, Config.NextURL: %s)", r.obsolete(r.old, info), next)}
 	}
 	if r.setRoute(rt) {
 		r.log.Info("switched: new connections go to the next database", "routing", rt.String())
 		time.AfterFunc(time.Minute, r.drainWarm) // what the pool did not need by then
 	}
 }
+
+// refreshNext reads the next database's identity again and returns it (the
+// known one if the database cannot be read).
+func (r *router) refreshNext() uuid.UUID {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, err := r.connect(ctx, r.next, roleCtl)
+	if err != nil {
+		return r.next.Info().ID
+	}
+	defer closeBounded(conn)
+	info, ok, err := r.meta.Read(ctx, conn)
+	if err != nil || !ok || info.ID == uuid.Nil {
+		return r.next.Info().ID
+	}
+	r.next.setInfo(info)
+	return info.ID
+}
+
+// refreshEvery is how often a refused route reads the next database's
+// identity again.
+const refreshEvery = 5 * time.Second
 
 // setRoute replaces the route, ends a pause, and drains the old database's
 // connections unless the new route still goes to it unpaused. It reports
@@ -481,11 +515,11 @@ func (r *router) close() {
 // It implements driver.Connector: open the service's *sql.DB with
 // sql.OpenDB(connector).
 func (c *Connector) Connect(ctx context.Context) (driver.Conn, error) {
-	dc, err := c.router.connect(ctx)
+	dc, err := c.router.connectApp(ctx)
 	return dc, c.public(err)
 }
 
-func (r *router) connect(ctx context.Context) (driver.Conn, error) {
+func (r *router) connectApp(ctx context.Context) (driver.Conn, error) {
 	for {
 		rt, err := r.wait(ctx)
 		if err != nil {
@@ -500,7 +534,14 @@ func (r *router) connect(ctx context.Context) (driver.Conn, error) {
 			}
 			return r.openNext(ctx)
 		case refused:
-			return nil, rt.err
+			if time.Since(rt.at) < refreshEvery {
+				return nil, rt.err
+			}
+			r.switched(rt.to)
+			if r.route.Load() == rt {
+				return nil, rt.err
+			}
+			continue
 		}
 		dc, switchedTo, err := r.connectOld(ctx)
 		if err != nil || switchedTo == uuid.Nil {

@@ -1,7 +1,10 @@
 package swo
 
 import (
+	"fmt"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/pgswo/swo/internal/pgtest"
@@ -54,5 +57,62 @@ func TestApplicationNameKeepsTheMarker(t *testing.T) {
 		if !strings.HasPrefix(name, "swo:app:") && !strings.Contains(name, " swo:app:") {
 			t.Errorf("base %d bytes, node %d bytes: marker lost in %q", len(tc.base), len(tc.node), name)
 		}
+	}
+}
+
+// TestNodesStartingTogetherOnARestoredCopyAgree starts several nodes at once
+// against a next database restored from a copy of the old one: they must
+// agree on the one new identity it gets (each used to write its own), and
+// EXECUTE must then work.
+func TestNodesStartingTogetherOnARestoredCopyAgree(t *testing.T) {
+	old, next := pgtest.NewDatabase(t), pgtest.NewDatabase(t)
+	pgtest.Exec(t, old.URL, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+	pgtest.Exec(t, next.URL, "CREATE TABLE t (id int PRIMARY KEY)")
+	first := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL, NodeName: "first"})
+	oldID := first.Status().Old.ID
+	first.Close()
+	pgtest.Exec(t, next.URL, fmt.Sprintf("UPDATE swo.meta SET id = '%s'", oldID))
+	const n = 4
+	nodes := make([]*Connector, n)
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := NewConnector(testCtx(t), Config{OldURL: old.URL, NextURL: next.URL, NodeName: fmt.Sprintf("n%d", i),
+				Logger: testLogger(t), timing: testTimings})
+			if err != nil {
+				errs <- err
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+			nodes[i] = c
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	var stored string
+	if err := pgtest.Connect(t, next.URL).QueryRow(testCtx(t), "SELECT id::text FROM swo.meta").Scan(&stored); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range nodes {
+		if s := c.Status(); s.Next.ID != stored || s.Next.ID == oldID {
+			t.Fatalf("node %s sees the next database as %s; it holds %s (old %s)", s.Node.Name, s.Next.ID, stored, oldID)
+		}
+	}
+	waitFor(t, func() bool {
+		s := nodes[0].Status()
+		return len(s.Nodes) == n && !slices.ContainsFunc(s.Nodes, func(ns NodeStatus) bool { return !ns.ConfigValid })
+	})
+	ctx := testCtx(t)
+	if err := nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := nodes[1].Execute(ctx); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -3,6 +3,7 @@ package swo
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -72,7 +73,13 @@ func (r *router) openPool(ctx context.Context, cfg *pgxpool.Config) (*pgxpool.Po
 		case toNext:
 			e = r.next
 		case refused:
-			return r.public(rt.err)
+			if time.Since(rt.at) < refreshEvery {
+				return r.public(rt.err)
+			}
+			if r.switched(rt.to); r.route.Load().target != toNext {
+				return r.public(r.route.Load().err)
+			}
+			e = r.next
 		}
 		timeout := cc.ConnectTimeout
 		if err := r.adjust(ctx, e, role, cc); err != nil {

@@ -713,7 +713,7 @@ func (n *node) separateTwins(ctx context.Context, oldConn, nextConn *pgx.Conn) e
 		return fmt.Errorf("%w: --db-url and --db-url-next (Config.OldURL and Config.NextURL) reach the same database (%s): point NextURL at the new database",
 			ErrConfig, n.old.Info().ID)
 	}
-	id, err := n.meta.NewIdentity(ctx, nextConn)
+	id, err := n.meta.NewIdentity(ctx, nextConn, n.old.Info().ID)
 	if err != nil {
 		return err
 	}

@@ -199,11 +199,14 @@ func (s Store) SwitchedToQuery() string {
 	return "SELECT switched_to FROM " + s.schema + ".meta"
 }
 
-// NewIdentity gives the database a fresh identity (used when a database turns
-// out to carry a copy of another's).
-func (s Store) NewIdentity(ctx context.Context, conn *pgx.Conn) (uuid.UUID, error) {
-	id := uuid.New()
-	_, err := conn.Exec(ctx, "UPDATE "+s.schema+".meta SET id = $1", id)
+// NewIdentity gives the database a fresh identity if it still carries
+// copied (the identity it carries as a copy of another database's), and
+// returns its identity. Nodes starting together may all find the copy: the
+// first replaces it, the others read the replacement, so they agree.
+func (s Store) NewIdentity(ctx context.Context, conn *pgx.Conn, copied uuid.UUID) (uuid.UUID, error) {
+	var id uuid.UUID
+	err := conn.QueryRow(ctx, "UPDATE "+s.schema+".meta SET id = CASE WHEN id = $1 THEN $2 ELSE id END RETURNING id",
+		copied, uuid.New()).Scan(&id)
 	return id, err
 }
 
