@@ -248,20 +248,28 @@ func (r *router) wait(ctx context.Context) (*route, error) {
 	}
 }
 
-// admit runs on every new application connection to the old database, of
-// either front end, before anything else is sent on it: it takes the shared
-// connection lock and then, in a separate statement, reads the switch state
-// (see lock.go for why the order and the separation matter). It returns the
-// identity of the database the old one was switched to, or uuid.Nil.
-func (r *router) admit(ctx context.Context, pc *pgconn.PgConn) (uuid.UUID, error) {
-	to, err := r.readSwitchedTo(ctx, pc)
+// admit runs on every new application connection, of either front end,
+// before anything else is sent on it: it takes the shared connection lock
+// and then, in a separate statement, reads the switch state (see lock.go for
+// why the order and the separation matter). On the old database it returns
+// the identity of the database the old one was switched to, or uuid.Nil.
+//
+// Connections to the next database, after the switch, are admitted the same
+// way on that database: a node still started with both URLs after a switch
+// must not reach a database that was switched away from in turn (a chained
+// switchover, B to C after A to B), and its connections to it hold that
+// database's lock, so such a switch cannot commit while they exist. The
+// node cannot follow a switch it is not part of: those connections are
+// refused with ErrObsolete.
+func (r *router) admit(ctx context.Context, e *endpoint, pc *pgconn.PgConn) (uuid.UUID, error) {
+	to, err := r.readSwitchedTo(ctx, e, pc)
 	if err != nil {
-		return uuid.Nil, fmt.Errorf("check the state of %s: %w", r.old.describe(), err)
+		return uuid.Nil, fmt.Errorf("check the state of %s: %w", e.describe(), err)
 	}
-	if to != uuid.Nil && r.next == nil {
-		info := r.old.Info()
+	if to != uuid.Nil && (r.next == nil || e == r.next) {
+		info := e.Info()
 		info.SwitchedTo, info.SwitchedAt = to, time.Now()
-		return uuid.Nil, r.obsolete(r.old, info)
+		return uuid.Nil, r.obsolete(e, info)
 	}
 	return to, nil
 }
@@ -273,8 +281,8 @@ var unsafeSingleStatementRead bool
 
 // readSwitchedTo takes the shared connection lock, then reads switched_to, in
 // one round trip of two statements.
-func (r *router) readSwitchedTo(ctx context.Context, pc *pgconn.PgConn) (uuid.UUID, error) {
-	if unsafeSingleStatementRead && r.next != nil {
+func (r *router) readSwitchedTo(ctx context.Context, e *endpoint, pc *pgconn.PgConn) (uuid.UUID, error) {
+	if unsafeSingleStatementRead && r.next != nil && e == r.old {
 		res, err := pc.Exec(ctx, fmt.Sprintf("SELECT (%s) FROM (%s) l", r.meta.SwitchedToQuery(), r.keys.connSharedSQL())).ReadAll()
 		if err != nil || len(res) != 1 || len(res[0].Rows) != 1 || res[0].Rows[0][0] == nil {
 			return uuid.Nil, err
@@ -551,13 +559,19 @@ func (r *router) connectApp(ctx context.Context) (driver.Conn, error) {
 	}
 }
 
-// openNext opens a database/sql connection to the next database.
+// openNext opens a database/sql connection to the next database and admits
+// it there.
 func (r *router) openNext(ctx context.Context) (driver.Conn, error) {
 	dc, err := r.sqlNext.Connect(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if err := r.afterConnect(ctx, dc.(*stdlib.Conn).Conn()); err != nil {
+	conn := dc.(*stdlib.Conn).Conn()
+	_, err = r.admit(ctx, r.next, conn.PgConn())
+	if err == nil {
+		err = r.afterConnect(ctx, conn)
+	}
+	if err != nil {
 		_ = dc.Close()
 		return nil, err
 	}
@@ -573,7 +587,7 @@ func (r *router) connectOld(ctx context.Context) (driver.Conn, uuid.UUID, error)
 		return nil, uuid.Nil, err
 	}
 	sc := dc.(*stdlib.Conn)
-	to, err := r.admit(ctx, sc.Conn().PgConn())
+	to, err := r.admit(ctx, r.old, sc.Conn().PgConn())
 	if err == nil && to == uuid.Nil {
 		err = r.afterConnect(ctx, sc.Conn())
 	}

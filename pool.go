@@ -101,19 +101,21 @@ func (r *router) openPool(ctx context.Context, cfg *pgxpool.Config) (*pgxpool.Po
 		return nil
 	}
 	pc.AfterConnect = func(ctx context.Context, conn *pgx.Conn) error {
-		if sameTarget(conn.Config(), r.old.url) {
-			to, err := r.admit(ctx, conn.PgConn())
-			if err != nil {
-				return r.public(err)
-			}
-			if to != uuid.Nil {
-				// Switched meanwhile: this connection must not be used. Closed,
-				// PrepareConn refuses it and the pool opens another, which goes
-				// to the new database.
-				r.switched(to)
-				_ = conn.Close(ctx)
-				return nil
-			}
+		e := r.old
+		if r.next != nil && !sameTarget(conn.Config(), r.old.url) {
+			e = r.next
+		}
+		to, err := r.admit(ctx, e, conn.PgConn())
+		if err != nil {
+			return r.public(err)
+		}
+		if to != uuid.Nil {
+			// Switched meanwhile: this connection must not be used. Closed,
+			// PrepareConn refuses it and the pool opens another, which goes
+			// to the new database.
+			r.switched(to)
+			_ = conn.Close(ctx)
+			return nil
 		}
 		if err := r.afterConnect(ctx, conn); err != nil {
 			return r.public(err)
