@@ -609,10 +609,19 @@ func TestPreconditionPrivilegesAndSameDatabase(t *testing.T) {
 	pgtest.Exec(t, next.AdminURL(), "CREATE TABLE secret (id int PRIMARY KEY)")
 	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
 	_, err := c.check(testCtx(t))
-	for _, want := range []string{"public.secret: the old database's role may not SELECT", "public.secret: the old database's role may not create triggers", "public.secret: the new database's role does not own it"} {
+	for _, want := range []string{"public.secret: the old database's role may not SELECT", "public.secret: the old database's role does not own it", "public.secret: the new database's role does not own it"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("missing %q in %v", want, err)
 		}
+	}
+	// The TRIGGER privilege is not enough: capture enables its triggers
+	// ALWAYS, which needs ownership (RESET passed and EXECUTE failed with
+	// "must be owner").
+	pgtest.Exec(t, old.AdminURL(), "CREATE TABLE shared (id int PRIMARY KEY); GRANT SELECT, TRIGGER ON shared TO "+old.Owner)
+	pgtest.Exec(t, next.URL, "CREATE TABLE shared (id int PRIMARY KEY)")
+	_, err = c.check(testCtx(t))
+	if err == nil || !strings.Contains(err.Error(), "public.shared: the old database's role does not own it") {
+		t.Errorf("a table with only the TRIGGER privilege passed: %v", err)
 	}
 	// Same database through two URLs.
 	d := pgtest.NewDatabase(t)

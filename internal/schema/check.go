@@ -51,8 +51,8 @@ func Check(src, dst *Database, exclude []string) Problems {
 		if !s.CanSelect {
 			add(name, "the old database's role may not SELECT from it: GRANT SELECT ON %s TO <role>", s.QName())
 		}
-		if !s.CanTrigger && !s.IsOwner {
-			add(name, "the old database's role may not create triggers on it (change capture): make the role its owner or GRANT TRIGGER ON %s TO <role>", s.QName())
+		if !s.IsOwner {
+			add(name, "the old database's role does not own it: change capture creates triggers on it and enables them ALWAYS (ALTER TABLE), which needs ownership, not only the TRIGGER privilege: ALTER TABLE %s OWNER TO <role>", s.QName())
 		}
 		if src.subjectToRLS(s) {
 			add(name, "row level security hides rows from the old database's role %s (the sync would miss them): ALTER ROLE %s BYPASSRLS for the switchover, or make it the table's owner without FORCE ROW LEVEL SECURITY",
