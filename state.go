@@ -261,8 +261,10 @@ type node struct {
 
 	mu          sync.Mutex
 	configErr   error // why this node's configuration is invalid; nil if valid
+	foreignErr  error // nodes of the same databases in another namespace (foreignNodes)
 	lastErr     error
 	lastRecheck time.Time
+	lastForeign time.Time
 
 	reactMu     sync.Mutex
 	viewMu      sync.Mutex
@@ -341,7 +343,7 @@ func (n *node) followOnce(ctx context.Context, conn *pgx.Conn, listening *bool, 
 	}
 	if routing, _ := n.routes.report(); routing != RoutingOld {
 		// Switched: say so once, and leave the old database alone.
-		_ = n.beat(ctx, conn)
+		_ = n.beat(ctx, conn, false)
 		_, _ = n.msgs.Append(ctx, conn, n.id, msglog.KindConfirm, n.currentRun(), nil, nil)
 		return errStopFollowing
 	}
@@ -361,7 +363,7 @@ func (n *node) followOnce(ctx context.Context, conn *pgx.Conn, listening *bool, 
 		if recheck {
 			n.recheckNext(ctx, conn)
 		}
-		if err := n.beat(ctx, conn); err != nil {
+		if err := n.beat(ctx, conn, false); err != nil {
 			return err
 		}
 		*lastBeat = time.Now()
@@ -451,13 +453,26 @@ type nodeReport struct {
 	Progress  *Progress `json:"progress,omitempty"`
 }
 
-// beat upserts this node's row with its self-report and refreshes the node list.
-func (n *node) beat(ctx context.Context, conn *pgx.Conn) error {
+// beat upserts this node's row with its self-report and refreshes the node
+// list. Every few beats, and when force is set (RESET, EXECUTE), it also
+// looks for nodes of the same databases in another namespace.
+func (n *node) beat(ctx context.Context, conn *pgx.Conn, force bool) error {
+	if time.Since(n.lastForeign) >= n.timing.recheck || force {
+		err := n.foreignNodes(ctx, conn)
+		if err != nil && !errors.Is(err, errForeignNodes) {
+			return err
+		}
+		n.mu.Lock()
+		n.foreignErr, n.lastForeign = err, time.Now()
+		n.mu.Unlock()
+	}
 	n.mu.Lock()
 	row := cluster.Node{ID: n.id, Name: n.cfg.NodeName, Version: n.cfg.Version, CanExec: !n.cfg.APIOnly,
-		OldID: n.old.Info().ID, NextID: n.next.Info().ID}
+		OldID: n.old.Info().ID, NextID: n.next.Info().ID, Agreed: n.cfg.agreed()}
 	if n.configErr != nil {
 		row.ConfigError = n.configErr.Error()
+	} else if n.foreignErr != nil {
+		row.ConfigError = n.foreignErr.Error()
 	}
 	self := nodeReport{LastError: errString(n.lastErr)}
 	n.mu.Unlock()
@@ -474,6 +489,72 @@ func (n *node) beat(ctx context.Context, conn *pgx.Conn) error {
 	n.view.Nodes = list
 	n.viewMu.Unlock()
 	return nil
+}
+
+var errForeignNodes = errors.New("nodes of the same databases run in another namespace")
+
+// foreignNodes looks for alive nodes of another namespace whose next
+// database is this node's: instances of one service started with different
+// Config.Namespace values. They take another lock, so a switch in this
+// namespace would neither drain them nor move them, and they would go on
+// writing to the old database. Identities are per namespace, so a candidate
+// found in the old database is confirmed in the next one: its namespace's
+// identity there must be the one the candidate reports. (Two services
+// sharing the old database keep their own namespaces; they cannot move to
+// the same next database as separate clusters.)
+func (n *node) foreignNodes(ctx context.Context, conn *pgx.Conn) error {
+	rows, err := conn.Query(ctx, `SELECT n.nspname FROM pg_namespace n
+WHERE n.nspname <> $1 AND to_regclass(quote_ident(n.nspname) || '.nodes') IS NOT NULL
+	AND to_regclass(quote_ident(n.nspname) || '.meta') IS NOT NULL AND to_regclass(quote_ident(n.nspname) || '.log') IS NOT NULL
+ORDER BY 1`, n.cfg.Namespace)
+	if err != nil {
+		return err
+	}
+	spaces, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil || len(spaces) == 0 {
+		return err
+	}
+	type candidate struct {
+		ns    string
+		next  uuid.UUID
+		names []string
+	}
+	var cands []candidate
+	for _, ns := range spaces {
+		rows, err := conn.Query(ctx, fmt.Sprintf(`SELECT next_id, array_agg(name ORDER BY name) FROM %s.nodes
+WHERE next_id IS NOT NULL AND now() - seen_at < $1::interval GROUP BY next_id`, pgx.Identifier{ns}.Sanitize()),
+			fmt.Sprintf("%d milliseconds", n.timing.timeout.Milliseconds()))
+		if err != nil {
+			continue // not a table of ours after all
+		}
+		found, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (candidate, error) {
+			c := candidate{ns: ns}
+			return c, r.Scan(&c.next, &c.names)
+		})
+		if err == nil {
+			cands = append(cands, found...)
+		}
+	}
+	if len(cands) == 0 {
+		return nil
+	}
+	next, err := n.connect(ctx, n.next, roleCtl)
+	if err != nil {
+		return nil // judged when the next database can be reached
+	}
+	defer closeBounded(next)
+	var same []string
+	for _, c := range cands {
+		var id uuid.UUID
+		if next.QueryRow(ctx, fmt.Sprintf("SELECT id FROM %s.meta", pgx.Identifier{c.ns}.Sanitize())).Scan(&id) == nil && id == c.next {
+			same = append(same, fmt.Sprintf("namespace %q: %s", c.ns, strings.Join(c.names, ", ")))
+		}
+	}
+	if len(same) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w (%s), which the switch in namespace %q would neither drain nor move: give every instance the same Config.Namespace",
+		errForeignNodes, strings.Join(same, "; "), n.cfg.Namespace)
 }
 
 // checkOwner fails the run if the node doing its work stopped answering:
@@ -755,6 +836,9 @@ func (n *node) noteErr(err error) {
 func (n *node) errs() (config, last error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	if n.configErr == nil {
+		return n.foreignErr, n.lastErr
+	}
 	return n.configErr, n.lastErr
 }
 

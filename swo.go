@@ -229,6 +229,16 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
+// agreed renders the settings every node of a cluster must share: what
+// moves and whether the new database may be cleared are the leader's to
+// apply, and must not depend on which node leads. Nodes compare it through
+// their heartbeats.
+func (c Config) agreed() string {
+	ex := slices.Clone(c.ExcludeTables)
+	slices.Sort(ex)
+	return fmt.Sprintf("ExcludeTables=%q AllowClearTarget=%v", ex, c.AllowClearTarget)
+}
+
 // parsed holds the validated connection settings.
 type parsed struct {
 	old, next *endpoint
@@ -461,7 +471,7 @@ func (c *Connector) resetRun(ctx context.Context, conn *pgx.Conn) error {
 	if err := c.node.table.Prune(ctx, conn, c.node.timing.timeout); err != nil {
 		return err
 	}
-	if err := c.node.beat(ctx, conn); err != nil {
+	if err := c.node.beat(ctx, conn, true); err != nil {
 		return err
 	}
 	if err := c.node.problems(); err != nil {
@@ -520,7 +530,7 @@ func (c *Connector) execute(ctx context.Context) error {
 		return err
 	}
 	defer closeBounded(conn)
-	if err := n.beat(ctx, conn); err != nil {
+	if err := n.beat(ctx, conn, true); err != nil {
 		return err
 	}
 	if err := n.problems(); err != nil {

@@ -31,6 +31,7 @@ type Node struct {
 	OldID       uuid.UUID
 	NextID      uuid.UUID
 	ConfigError string // the node's own configuration error, if any
+	Agreed      string // the settings every node must share, as text (see Problems)
 	StartedAt   time.Time
 	SeenAt      time.Time
 	Alive       bool            // seen within the timeout given to List, by the database's clock
@@ -44,7 +45,7 @@ type Table struct {
 
 // DDL creates the table.
 func (t Table) DDL() string {
-	return fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %s (
+	return fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %[1]s (
 	id           uuid PRIMARY KEY,
 	name         text NOT NULL,
 	version      text NOT NULL,
@@ -55,7 +56,8 @@ func (t Table) DDL() string {
 	started_at   timestamptz NOT NULL DEFAULT now(),
 	seen_at      timestamptz NOT NULL DEFAULT now(),
 	status       jsonb NOT NULL DEFAULT '{}'
-)`, t.Name)
+);
+ALTER TABLE %[1]s ADD COLUMN IF NOT EXISTS agreed text NOT NULL DEFAULT ''`, t.Name)
 }
 
 // Beat records that the node is alive, with its current self-report.
@@ -64,11 +66,11 @@ func (t Table) Beat(ctx context.Context, conn *pgx.Conn, n Node, status any) err
 	if err != nil {
 		return err
 	}
-	_, err = conn.Exec(ctx, `INSERT INTO `+t.Name+` (id, name, version, can_exec, old_id, next_id, config_error, status)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+	_, err = conn.Exec(ctx, `INSERT INTO `+t.Name+` (id, name, version, can_exec, old_id, next_id, config_error, status, agreed)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (id) DO UPDATE SET name = $2, version = $3, can_exec = $4, old_id = $5, next_id = $6, config_error = $7,
-	status = $8, seen_at = now()`,
-		n.ID, n.Name, n.Version, n.CanExec, nullID(n.OldID), nullID(n.NextID), n.ConfigError, raw)
+	status = $8, agreed = $9, seen_at = now()`,
+		n.ID, n.Name, n.Version, n.CanExec, nullID(n.OldID), nullID(n.NextID), n.ConfigError, raw, n.Agreed)
 	return err
 }
 
@@ -82,14 +84,14 @@ func nullID(id uuid.UUID) any {
 // List returns every node, alive or not, ordered by name then id.
 func (t Table) List(ctx context.Context, conn *pgx.Conn, timeout time.Duration) ([]Node, error) {
 	rows, err := conn.Query(ctx, `SELECT id, name, version, can_exec, old_id, next_id, config_error, started_at, seen_at,
-	now() - seen_at < $1::interval, status FROM `+t.Name+` ORDER BY name, id`, fmt.Sprintf("%d milliseconds", timeout.Milliseconds()))
+	now() - seen_at < $1::interval, status, agreed FROM `+t.Name+` ORDER BY name, id`, fmt.Sprintf("%d milliseconds", timeout.Milliseconds()))
 	if err != nil {
 		return nil, err
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Node, error) {
 		var n Node
 		var old, next *uuid.UUID
-		err := r.Scan(&n.ID, &n.Name, &n.Version, &n.CanExec, &old, &next, &n.ConfigError, &n.StartedAt, &n.SeenAt, &n.Alive, &n.Status)
+		err := r.Scan(&n.ID, &n.Name, &n.Version, &n.CanExec, &old, &next, &n.ConfigError, &n.StartedAt, &n.SeenAt, &n.Alive, &n.Status, &n.Agreed)
 		if old != nil {
 			n.OldID = *old
 		}
@@ -114,23 +116,23 @@ func (t Table) Prune(ctx context.Context, conn *pgx.Conn, timeout time.Duration)
 
 // Problems returns, for each alive node, why its configuration is not valid
 // ("" when it is): its own error, or a disagreement between nodes on the
-// database their --db-url-next reaches (compared by identity, never by URL).
+// database their --db-url-next reaches (compared by identity, never by URL)
+// or on the settings that must be equal on every node (Agreed: what moves,
+// for one; the leader's setting would otherwise silently decide).
 func Problems(nodes []Node) map[uuid.UUID]string {
 	out := map[uuid.UUID]string{}
-	groups := map[uuid.UUID][]string{}
+	var valid []Node
 	for _, n := range nodes {
 		if n.Alive && n.ConfigError == "" {
-			groups[n.NextID] = append(groups[n.NextID], n.Name)
+			valid = append(valid, n)
 		}
 	}
-	var disagree string
-	if len(groups) > 1 {
-		var parts []string
-		for id, names := range groups {
-			parts = append(parts, fmt.Sprintf("%s -> %s", strings.Join(names, ", "), id))
-		}
-		sort.Strings(parts)
-		disagree = "nodes disagree on the next database (" + strings.Join(parts, "; ") + "): start every instance with the same --db-url-next"
+	var disagree []string
+	if d := disagreement(valid, func(n Node) string { return n.NextID.String() }); d != "" {
+		disagree = append(disagree, "nodes disagree on the next database ("+d+"): start every instance with the same --db-url-next")
+	}
+	if d := disagreement(valid, func(n Node) string { return n.Agreed }); d != "" {
+		disagree = append(disagree, "nodes disagree on settings that must be equal ("+d+"): configure every instance alike")
 	}
 	for _, n := range nodes {
 		if !n.Alive {
@@ -139,13 +141,34 @@ func Problems(nodes []Node) map[uuid.UUID]string {
 		switch {
 		case n.ConfigError != "":
 			out[n.ID] = n.ConfigError
-		case disagree != "":
-			out[n.ID] = disagree
 		default:
-			out[n.ID] = ""
+			out[n.ID] = strings.Join(disagree, "; ")
 		}
 	}
 	return out
+}
+
+// disagreement describes the groups of nodes by key, or "" if they all
+// share one. Each group's names are sorted, and the groups too, so that
+// every node writes the same text.
+func disagreement(nodes []Node, key func(Node) string) string {
+	groups := map[string][]string{}
+	for _, n := range nodes {
+		groups[key(n)] = append(groups[key(n)], n.Name)
+	}
+	if len(groups) < 2 {
+		return ""
+	}
+	var parts []string
+	for k, names := range groups {
+		sort.Strings(names)
+		if k == "" {
+			k = "(none)"
+		}
+		parts = append(parts, fmt.Sprintf("%s -> %s", strings.Join(names, ", "), k))
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, "; ")
 }
 
 // ErrNoLeader is returned when no alive node may execute.

@@ -307,7 +307,13 @@ func Read(ctx context.Context, conn *pgx.Conn, opts Options) (*Database, error) 
 }
 
 // excludedSchemas is a SQL condition on n.nspname for schemas never synced.
-const excludedSchemas = `n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp\_%' AND n.nspname <> $1`
+const excludedSchemas = `n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp\_%' AND n.nspname <> $1
+	AND NOT ` + isLibrarySchema
+
+// isLibrarySchema is the condition that the schema n is a library schema of
+// any namespace (another deployment's, in the same database): the comment
+// the library gives its schemas marks them.
+const isLibrarySchema = `coalesce(obj_description(n.oid, 'pg_namespace') LIKE 'swo: live switchover state%', false)`
 
 // notExtensionMember is a SQL condition on c.oid: the relation was not
 // created by an extension.
