@@ -181,11 +181,18 @@ func (r *syncRun) checkTarget(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("compare the new database's rows with the old one's: %w", err)
 	}
+	// Tables an aborted run from this source loaded again and left filled
+	// hold rows swo wrote: they may be cleared like the rest of a run's.
+	keptBefore, err := replicate.KeptFrom(ctx, dst, r.c.cfg.Namespace, r.c.old.Info().ID)
+	if err != nil {
+		return err
+	}
 	var differ []string
 	for _, tc := range rep.Tables {
-		if tc.Equal {
+		switch {
+		case tc.Equal:
 			r.keep[tc.Table] = true
-		} else {
+		case !keptBefore[tc.Table]:
 			differ = append(differ, fmt.Sprintf("%s (%d rows; %d in the old database)", tc.Table, tc.NewRows, tc.OldRows))
 		}
 	}

@@ -817,3 +817,41 @@ func TestCaptureWaitsForWritersAndNamesThemOnTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestAbortLeavesKeptTablesClearable: a target table whose rows equalled the
+// source's is loaded again and left filled by an abort; once the source
+// moves on, the next RESET must not refuse it as data swo did not write.
+func TestAbortLeavesKeptTablesClearable(t *testing.T) {
+	old, next, c := syncPair(t, false)
+	ctx := testCtx(t)
+	pgtest.Exec(t, next.URL, "INSERT INTO tree VALUES (1, NULL, 'root')")
+	pgtest.Exec(t, old.URL, "DELETE FROM tree WHERE id > 1")
+	r, err := c.check(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []func(context.Context) error{r.checkTarget, r.startCapture, r.prepare, r.initialCopy} {
+		if err := step(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !r.keep["public.tree"] {
+		t.Fatalf("keep = %v, want public.tree", r.keep)
+	}
+	if err := c.cleanup(ctx); err != nil { // the abort
+		t.Fatal(err)
+	}
+	pgtest.Exec(t, old.URL, "UPDATE tree SET label = 'renamed'")
+	r, err = c.check(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.checkTarget(ctx); err != nil {
+		t.Fatalf("RESET after an abort refused the table the run left filled: %v", err)
+	}
+	// A table with rows swo never wrote is still refused.
+	pgtest.Exec(t, next.URL, "ALTER TABLE users DISABLE TRIGGER guard; INSERT INTO users (email) VALUES ('someone@else'); ALTER TABLE users ENABLE TRIGGER guard")
+	if err := r.checkTarget(ctx); !errors.Is(err, ErrTargetNotEmpty) || strings.Contains(err.Error(), "public.tree") {
+		t.Fatalf("foreign rows after an abort: %v", err)
+	}
+}

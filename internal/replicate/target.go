@@ -22,6 +22,12 @@ const (
 	undoTrigger    = "trigger"    // user trigger to enable again
 	undoValidate   = "validate"   // foreign key re-added NOT VALID, still to validate
 	undoMatView    = "matview"    // materialized view the run refreshed: refreshed again (or emptied) on abort
+
+	// kept is not undone: a table whose rows equalled the source's, which the
+	// run loaded again and an abort leaves filled. The record outlives Undo:
+	// those rows are the source's, written by swo, and a later RESET may
+	// clear them (KeptFrom) once the source has moved on.
+	kept = "kept"
 )
 
 // undoTable creates the target's undo table. Every object the engine drops or
@@ -121,11 +127,15 @@ func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, also func(context.
 		}
 	}
 	var names []string
+	b.Queue("DELETE FROM "+e.q("target_undo")+" WHERE kind = $1", kept)
 	for _, t := range targets {
 		if !e.Keep[t.String()] {
 			names = append(names, t.QName())
 			b.Queue("INSERT INTO "+e.q("target_undo")+" (tbl, kind, name, restore, src) VALUES ($1, $2, $3, $4, $5)",
 				t.QName(), undoTruncate, t.String(), "TRUNCATE ONLY "+t.QName(), e.SourceID)
+		} else {
+			b.Queue("INSERT INTO "+e.q("target_undo")+" (tbl, kind, name, restore, src) VALUES ($1, $2, $3, '', $4)",
+				t.QName(), kept, t.String(), e.SourceID)
 		}
 	}
 	if len(names) > 0 {
@@ -412,6 +422,26 @@ func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source
 		return nil
 	}
 	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error { return also(ctx, tx) })
+}
+
+// KeptFrom names the target's tables (schema.name) that a run from source
+// loaded again because their rows equalled the source's, and left filled
+// when it was undone: their rows were written by swo.
+func KeptFrom(ctx context.Context, conn *pgx.Conn, librarySchema string, source uuid.UUID) (map[string]bool, error) {
+	out := map[string]bool{}
+	var exists bool
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", librarySchema+".target_undo").Scan(&exists); err != nil || !exists {
+		return out, err
+	}
+	rows, err := conn.Query(ctx, "SELECT name FROM "+pgx.Identifier{librarySchema, "target_undo"}.Sanitize()+" WHERE kind = $1 AND src = $2", kept, source)
+	if err != nil {
+		return nil, err
+	}
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	for _, n := range names {
+		out[n] = true
+	}
+	return out, err
 }
 
 // Pending reports how many target objects are still to be restored (tests and Status).
