@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 
 	"github.com/pgswo/swo/internal/pgtest"
@@ -95,6 +96,89 @@ func BenchmarkSteadyState(b *testing.B) {
 			b.ReportMetric(per(2), "switchover-ns/op")
 			b.ReportMetric(per(1)/per(0), "normal/stdlib")
 			b.ReportMetric(per(2)/per(0), "switchover/stdlib")
+		})
+	}
+}
+
+// BenchmarkSteadyStatePool is BenchmarkSteadyState for the pgx front end: a
+// plain pgxpool against pools from OpenPool in normal and in switchover
+// mode, on the same server and database, interleaved in small chunks. The
+// metrics normal/pgxpool and switchover/pgxpool are the ratios of their
+// times per operation (1.00 = no overhead).
+//
+//	go test -run - -bench SteadyStatePool -benchtime 20000x .
+func BenchmarkSteadyStatePool(b *testing.B) {
+	old := pgtest.NewDatabase(b)
+	next := pgtest.NewDatabase(b)
+	pgtest.Exec(b, old.URL, "CREATE TABLE bench (id bigserial PRIMARY KEY, v int)")
+	ctx := context.Background()
+
+	size := func(pc *pgxpool.Config) { pc.MaxConns = 2 }
+	cfg, err := pgxpool.ParseConfig(old.URL)
+	if err != nil {
+		b.Fatal(err)
+	}
+	size(cfg)
+	plain, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer plain.Close()
+	normal := openPool(b, newConnector(b, Config{OldURL: old.URL}), size)
+	switchover := openPool(b, newConnector(b, Config{OldURL: old.URL, NextURL: next.URL}), size)
+	variants := []*pgxpool.Pool{plain, normal, switchover}
+
+	ops := []struct {
+		name string
+		fn   func(p *pgxpool.Pool) error
+	}{
+		{"select", func(p *pgxpool.Pool) error {
+			var v int
+			return p.QueryRow(ctx, "SELECT $1::int", 7).Scan(&v)
+		}},
+		{"write-tx", func(p *pgxpool.Pool) error {
+			tx, err := p.Begin(ctx)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, "INSERT INTO bench (v) VALUES ($1)", 1); err != nil {
+				_ = tx.Rollback(ctx)
+				return err
+			}
+			return tx.Commit(ctx)
+		}},
+	}
+	for _, op := range ops {
+		b.Run(op.name, func(b *testing.B) {
+			for _, p := range variants { // warm the pools and statement caches
+				for i := 0; i < 50; i++ {
+					if err := op.fn(p); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			var spent [3]time.Duration
+			const chunk = 50
+			b.ResetTimer()
+			for i := 0; i < b.N; i += chunk {
+				n := min(chunk, b.N-i)
+				for v, p := range variants {
+					start := time.Now()
+					for j := 0; j < n; j++ {
+						if err := op.fn(p); err != nil {
+							b.Fatal(err)
+						}
+					}
+					spent[v] += time.Since(start)
+				}
+			}
+			b.StopTimer()
+			per := func(v int) float64 { return float64(spent[v].Nanoseconds()) / float64(b.N) }
+			b.ReportMetric(per(0), "pgxpool-ns/op")
+			b.ReportMetric(per(1), "normal-ns/op")
+			b.ReportMetric(per(2), "switchover-ns/op")
+			b.ReportMetric(per(1)/per(0), "normal/pgxpool")
+			b.ReportMetric(per(2)/per(0), "switchover/pgxpool")
 		})
 	}
 }

@@ -574,6 +574,7 @@ func (lr *leaderRun) steps(leadCtx context.Context) error {
 		return err
 	}
 	cancel()
+	lr.at(leadCtx, "switched")
 	// After the switch, without blocking the service: outside the window's
 	// deadline, but bounded, and ended by Close.
 	after, afterCancel := context.WithTimeout(leadCtx, afterSwitchTimeout)

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"weak"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -92,8 +93,11 @@ const (
 // library's own sessions keep the URL's runtime parameters whatever the
 // host sets (a statement_timeout meant for the application must not end a
 // copy).
-func (s *common) adjust(ctx context.Context, e *endpoint, role string, cc *pgx.ConnConfig) error {
+func (s *common) adjust(ctx context.Context, e *endpoint, role string, cc *pgx.ConnConfig, base func(*pgx.ConnConfig)) error {
 	*cc = *e.url.Copy()
+	if base != nil {
+		base(cc) // a front end's own settings (a pool configuration's), before the host's hook
+	}
 	if hook := s.cfg.BeforeConnect; hook != nil {
 		if err := hook(ctx, cc); err != nil {
 			return fmt.Errorf("Config.BeforeConnect: %w", err)
@@ -103,7 +107,14 @@ func (s *common) adjust(ctx context.Context, e *endpoint, role string, cc *pgx.C
 				"it may adjust connections (tracer, TLS, parameters, password), not redirect them", ErrConfig, e.label)
 		}
 		if role != roleApp && role != roleAppNormal {
-			cc.RuntimeParams = e.url.Copy().RuntimeParams
+			// The library's own sessions keep the URL's runtime parameters
+			// and query settings: their statements rely on pgx's default
+			// (extended protocol) encoding of their parameters.
+			url := e.url.Copy()
+			cc.RuntimeParams = url.RuntimeParams
+			cc.DefaultQueryExecMode = url.DefaultQueryExecMode
+			cc.StatementCacheCapacity = url.StatementCacheCapacity
+			cc.DescriptionCacheCapacity = url.DescriptionCacheCapacity
 		}
 		if cc.RuntimeParams == nil {
 			cc.RuntimeParams = map[string]string{}
@@ -116,7 +127,7 @@ func (s *common) adjust(ctx context.Context, e *endpoint, role string, cc *pgx.C
 // config returns the settings of a connection to e in role (see adjust).
 func (s *common) config(ctx context.Context, e *endpoint, role string) (*pgx.ConnConfig, error) {
 	cc := new(pgx.ConnConfig)
-	if err := s.adjust(ctx, e, role, cc); err != nil {
+	if err := s.adjust(ctx, e, role, cc, nil); err != nil {
 		return nil, err
 	}
 	return cc, nil
@@ -159,6 +170,11 @@ func (s *common) connect(ctx context.Context, e *endpoint, role string) (*pgx.Co
 	}
 	cfg.RuntimeParams["default_transaction_isolation"] = "read committed"
 	cfg.RuntimeParams["jit"] = "off" // the library's queries are short: compiling them would cost more than running them
+	// The library bounds its own waits (lock_timeout where it waits for a
+	// lock, contexts elsewhere): a timeout in the URL meant for the
+	// application must not cut the leader's wait for the connection lock.
+	cfg.RuntimeParams["statement_timeout"] = "0"
+	cfg.RuntimeParams["lock_timeout"] = "0"
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, s.scrub(fmt.Errorf("connect to %s database %s: %w", e.label, e.describe(), err))
@@ -168,8 +184,12 @@ func (s *common) connect(ctx context.Context, e *endpoint, role string) (*pgx.Co
 
 // obsolete is the error for a database that was switched away from.
 func (s *common) obsolete(e *endpoint, info meta.Info) error {
-	return fmt.Errorf("%w: %s (database %s) was switched over to database %s at %s; "+
-		"restart with --db-url (Config.OldURL) pointing at the new database", ErrObsolete, e.describe(), info.ID,
+	what := e.describe()
+	if info.ID != uuid.Nil {
+		what += fmt.Sprintf(" (database %s)", info.ID)
+	}
+	return fmt.Errorf("%w: %s was switched over to database %s at %s; "+
+		"restart with --db-url (Config.OldURL) pointing at the new database", ErrObsolete, what,
 		info.SwitchedTo, info.SwitchedAt.UTC().Format(time.RFC3339))
 }
 
@@ -199,8 +219,8 @@ type router struct {
 
 	route atomic.Pointer[route]
 	mu    sync.Mutex
-	conns map[*conn]struct{}         // database/sql connections to the old database (switchover mode)
-	pools map[*pgxpool.Pool]struct{} // pools from OpenPool
+	conns map[*conn]struct{}                      // database/sql connections to the old database (switchover mode)
+	pools map[weak.Pointer[pgxpool.Pool]]struct{} // pools from OpenPool; a pool the host dropped is forgotten
 
 	sqlOld, sqlNext driver.Connector // pgx stdlib connectors of the database/sql front end
 	warm            chan driver.Conn // connections to the next database opened before the pause
@@ -209,7 +229,7 @@ type router struct {
 }
 
 func newRouter(s *common) *router {
-	r := &router{common: s, conns: map[*conn]struct{}{}, pools: map[*pgxpool.Pool]struct{}{}, warm: make(chan driver.Conn, 32)}
+	r := &router{common: s, conns: map[*conn]struct{}{}, pools: map[weak.Pointer[pgxpool.Pool]]struct{}{}, warm: make(chan driver.Conn, 32)}
 	r.route.Store(&route{target: toOld})
 	if s.next == nil {
 		r.sqlOld = r.stdlibConnector(s.old, roleAppNormal)
@@ -225,7 +245,7 @@ func newRouter(s *common) *router {
 // after the lock and the state read (connectOld), never before them.
 func (r *router) stdlibConnector(e *endpoint, role string) driver.Connector {
 	return stdlib.GetConnector(*e.url.Copy(), stdlib.OptionBeforeConnect(func(ctx context.Context, cc *pgx.ConnConfig) error {
-		return r.adjust(ctx, e, role, cc)
+		return r.adjust(ctx, e, role, cc, nil)
 	}))
 }
 
@@ -293,7 +313,9 @@ func (r *router) readSwitchedTo(ctx context.Context, e *endpoint, pc *pgconn.PgC
 	// of REPEATABLE READ or SERIALIZABLE (set for the role or the database),
 	// the implicit transaction of a multi-statement query would take its
 	// snapshot before the lock wait and miss a switch committed meanwhile.
-	q := "BEGIN ISOLATION LEVEL READ COMMITTED; " + r.keys.connSharedSQL() + "; "
+	// The application's own statement_timeout and lock_timeout must not fail
+	// the wait for the lock during the window: the connection waits.
+	q := "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; " + r.keys.connSharedSQL() + "; "
 	if r.next != nil {
 		q += r.meta.SwitchedToQuery()
 	} else {
@@ -304,10 +326,10 @@ func (r *router) readSwitchedTo(ctx context.Context, e *endpoint, pc *pgconn.PgC
 	if err != nil {
 		return uuid.Nil, err
 	}
-	if len(res) != 4 || len(res[2].Rows) != 1 {
+	if len(res) != 6 || len(res[4].Rows) != 1 {
 		return uuid.Nil, fmt.Errorf("unexpected reply to the state check (%d results)", len(res))
 	}
-	v := res[2].Rows[0][0]
+	v := res[4].Rows[0][0]
 	if r.next == nil {
 		if string(v) != "t" {
 			return uuid.Nil, nil
@@ -406,11 +428,16 @@ func (r *router) setRoute(rt *route) bool {
 		for cn := range r.conns {
 			cn.retire()
 		}
-		for p := range r.pools {
+		for wp := range r.pools {
 			// Idle connections close now; those in use close when released.
 			// After a switch the pool holds only connections to the old
-			// database, so it is emptied whole.
-			p.Reset()
+			// database, so it is emptied whole. (Resetting a pool the host
+			// closed is harmless.)
+			if p := wp.Value(); p != nil {
+				p.Reset()
+			} else {
+				delete(r.pools, wp)
+			}
 		}
 	}
 	return true
@@ -431,6 +458,31 @@ func (r *router) pause(until time.Time) {
 			r.resume()
 		}
 	})
+	go r.sweepPools(rt)
+}
+
+// sweepPools empties the pools again and again while the pause rt lasts.
+// No pool opens a connection to the old database while paused, so an idle
+// one found then straddled the drain's Reset: pgxpool adds the connections
+// it opens in the background (MinConns) to its idle list without looking
+// at resets, and one that took the lock before the pause would hold it.
+func (r *router) sweepPools(rt *route) {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-rt.paused:
+			return
+		case <-t.C:
+		}
+		r.mu.Lock()
+		for wp := range r.pools {
+			if p := wp.Value(); p != nil {
+				p.Reset()
+			}
+		}
+		r.mu.Unlock()
+	}
 }
 
 // resume ends a pause, or a run, without a switch.

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgswo/swo/internal/pgtest"
 )
@@ -24,12 +25,48 @@ CREATE TABLE notes (id bigserial PRIMARY KEY, body text);`
 const ledgerSeed = `INSERT INTO counters SELECT i, 0 FROM generate_series(0, 99) i;
 INSERT INTO notes (body) SELECT 'note ' || i FROM generate_series(1, 1000) i;`
 
-// testCluster is several nodes (connectors with their *sql.DB) over one old
-// and one next database.
+// testCluster is several nodes (connectors with their *sql.DB, and a pool
+// from OpenPool where the node's load goes through one) over one old and one
+// next database.
 type testCluster struct {
 	old, next *pgtest.Database
 	nodes     []*Connector
 	dbs       []*sql.DB
+	pools     []*pgxpool.Pool // nil for a node whose load does not use a pool
+	via       []frontEnd      // the front ends each node's load writes through
+}
+
+// frontEnd is a way into a connector: database/sql (sql.OpenDB(connector))
+// or pgx (connector.OpenPool). A node of a test cluster may write through
+// either or both.
+type frontEnd int
+
+const (
+	viaSQL  frontEnd = 1 << iota // the node's *sql.DB
+	viaPool                      // the node's *pgxpool.Pool
+)
+
+func (f frontEnd) String() string {
+	switch f {
+	case viaSQL:
+		return "sql"
+	case viaPool:
+		return "pool"
+	case viaSQL | viaPool:
+		return "sql+pool"
+	}
+	return fmt.Sprintf("frontEnd(%d)", int(f))
+}
+
+// each lists the single front ends in f, database/sql first.
+func (f frontEnd) each() []frontEnd {
+	var out []frontEnd
+	for _, one := range []frontEnd{viaSQL, viaPool} {
+		if f&one != 0 {
+			out = append(out, one)
+		}
+	}
+	return out
 }
 
 func newCluster(t *testing.T, n int, owner bool, mod func(i int, cfg *Config)) *testCluster {
@@ -41,10 +78,34 @@ func newCluster(t *testing.T, n int, owner bool, mod func(i int, cfg *Config)) *
 	return clusterOn(t, pgtest.NewDatabase(t, opts...), pgtest.NewDatabase(t, opts...), n, mod)
 }
 
+// newClusterVia is newCluster with one node per element of via, each node's
+// load writing through the front ends given.
+func newClusterVia(t *testing.T, owner bool, via []frontEnd, mod func(i int, cfg *Config)) *testCluster {
+	t.Helper()
+	var opts []pgtest.DBOption
+	if owner {
+		opts = append(opts, pgtest.Owner("app"))
+	}
+	return clusterVia(t, pgtest.NewDatabase(t, opts...), pgtest.NewDatabase(t, opts...), via, mod)
+}
+
 // clusterOn is newCluster over the given databases.
 func clusterOn(t *testing.T, old, next *pgtest.Database, n int, mod func(i int, cfg *Config)) *testCluster {
 	t.Helper()
-	tc := &testCluster{old: old, next: next}
+	via := make([]frontEnd, n)
+	for i := range via {
+		via[i] = viaSQL
+	}
+	return clusterVia(t, old, next, via, mod)
+}
+
+// clusterVia is newClusterVia over the given databases. Every node has its
+// *sql.DB; a node whose load uses a pool also has a pool from OpenPool, of
+// as many connections as the *sql.DB may open.
+func clusterVia(t *testing.T, old, next *pgtest.Database, via []frontEnd, mod func(i int, cfg *Config)) *testCluster {
+	t.Helper()
+	n := len(via)
+	tc := &testCluster{old: old, next: next, via: via}
 	pgtest.Exec(t, tc.old.URL, ledgerSchema+ledgerSeed)
 	pgtest.Exec(t, tc.next.URL, ledgerSchema)
 	for i := 0; i < n; i++ {
@@ -56,8 +117,13 @@ func clusterOn(t *testing.T, old, next *pgtest.Database, n int, mod func(i int, 
 		c := newConnector(t, cfg)
 		db := openDB(t, c)
 		db.SetMaxOpenConns(8)
+		var pool *pgxpool.Pool
+		if via[i]&viaPool != 0 {
+			pool = openPool(t, c, func(pc *pgxpool.Config) { pc.MaxConns = 8 })
+		}
 		tc.nodes = append(tc.nodes, c)
 		tc.dbs = append(tc.dbs, db)
+		tc.pools = append(tc.pools, pool)
 	}
 	tc.awaitNodes(t, n)
 	return tc
@@ -82,17 +148,68 @@ func (tc *testCluster) awaitNodes(t *testing.T, n int) {
 	})
 }
 
-// ack is an acknowledged write, with where and when (server clock) it ran.
+// ack is an acknowledged write, with where and when (server clock) it ran,
+// and the front end it went through.
 type ack struct {
 	node, worker int
 	seq          int64
 	counter      int
 	db           string
 	start, end   time.Time
+	via          frontEnd
 }
 
-// load writes through every node's *sql.DB: each write is a transaction that
-// inserts a ledger row and increments a counter.
+// loadWriter runs one write of the load through a front end: a transaction that
+// inserts a ledger row and increments a counter, filling in a's database and
+// server times.
+type loadWriter interface {
+	write(ctx context.Context, a *ack) error
+}
+
+const (
+	loadInsert = "INSERT INTO ledger (node, worker, seq, counter) VALUES ($1, $2, $3, $4)"
+	loadUpdate = "UPDATE counters SET n = n + 1 WHERE id = $1 RETURNING current_database(), statement_timestamp(), clock_timestamp()"
+)
+
+// sqlWriter writes through a *sql.DB.
+type sqlWriter struct{ db *sql.DB }
+
+func (w sqlWriter) write(ctx context.Context, a *ack) error {
+	tx, err := w.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback() //nolint:errcheck
+	if _, err := tx.ExecContext(ctx, loadInsert, a.node, a.worker, a.seq, a.counter); err != nil {
+		return err
+	}
+	if err := tx.QueryRowContext(ctx, loadUpdate, a.counter).Scan(&a.db, &a.start, &a.end); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// poolWriter writes through a *pgxpool.Pool.
+type poolWriter struct{ pool *pgxpool.Pool }
+
+func (w poolWriter) write(ctx context.Context, a *ack) error {
+	tx, err := w.pool.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck
+	if _, err := tx.Exec(ctx, loadInsert, a.node, a.worker, a.seq, a.counter); err != nil {
+		return err
+	}
+	if err := tx.QueryRow(ctx, loadUpdate, a.counter).Scan(&a.db, &a.start, &a.end); err != nil {
+		return err
+	}
+	return tx.Commit(ctx)
+}
+
+// load writes through the nodes' front ends (their *sql.DB unless a cluster
+// says otherwise): each write is a transaction that inserts a ledger row and
+// increments a counter.
 type load struct {
 	stop     chan struct{}
 	wg       sync.WaitGroup
@@ -104,18 +221,38 @@ type load struct {
 	tolerate bool      // keep writing after an error (a database is down on purpose)
 }
 
+// startLoad starts workers writers on each of every node's front ends
+// (numbered across them: a node writing through both has 2*workers).
 func startLoad(tc *testCluster, workers int) *load {
 	l := &load{stop: make(chan struct{})}
-	for n, db := range tc.dbs {
-		for w := 0; w < workers; w++ {
-			l.wg.Add(1)
-			go l.run(db, n, w)
+	for n := range tc.nodes {
+		w := 0
+		for _, f := range tc.viaOf(n).each() {
+			for i := 0; i < workers; i++ {
+				l.wg.Add(1)
+				go l.runOn(tc.writer(n, f), f, n, w)
+				w++
+			}
 		}
 	}
 	return l
 }
 
+// writer returns node n's writer through front end f.
+func (tc *testCluster) writer(n int, f frontEnd) loadWriter {
+	if f == viaPool {
+		return poolWriter{tc.pools[n]}
+	}
+	return sqlWriter{tc.dbs[n]}
+}
+
+// run writes through db until the load stops.
 func (l *load) run(db *sql.DB, node, worker int) {
+	l.runOn(sqlWriter{db}, viaSQL, node, worker)
+}
+
+// runOn writes through w (front end via) until the load stops.
+func (l *load) runOn(w loadWriter, via frontEnd, node, worker int) {
 	defer l.wg.Done()
 	ctx := context.Background()
 	for seq := int64(1); ; seq++ {
@@ -124,26 +261,11 @@ func (l *load) run(db *sql.DB, node, worker int) {
 			return
 		default:
 		}
-		a := ack{node: node, worker: worker, seq: seq, counter: (node*31 + worker*7 + int(seq)) % 100}
-		err := func() error {
-			tx, err := db.BeginTx(ctx, nil)
-			if err != nil {
-				return err
-			}
-			defer tx.Rollback() //nolint:errcheck
-			if _, err := tx.ExecContext(ctx, "INSERT INTO ledger (node, worker, seq, counter) VALUES ($1, $2, $3, $4)", node, worker, seq, a.counter); err != nil {
-				return err
-			}
-			err = tx.QueryRowContext(ctx, "UPDATE counters SET n = n + 1 WHERE id = $1 RETURNING current_database(), statement_timestamp(), clock_timestamp()",
-				a.counter).Scan(&a.db, &a.start, &a.end)
-			if err != nil {
-				return err
-			}
-			return tx.Commit()
-		}()
+		a := ack{node: node, worker: worker, seq: seq, counter: (node*31 + worker*7 + int(seq)) % 100, via: via}
+		err := w.write(ctx, &a)
 		l.mu.Lock()
 		if err != nil {
-			l.errs = append(l.errs, fmt.Errorf("node %d worker %d seq %d: %w", node, worker, seq, err))
+			l.errs = append(l.errs, fmt.Errorf("node %d worker %d (%s) seq %d: %w", node, worker, via, seq, err))
 			l.mu.Unlock()
 			if !l.tolerate {
 				return
@@ -264,10 +386,20 @@ func doneAt(t *testing.T, tc *testCluster) time.Time {
 
 func TestExecuteSwitchesThreeNodesUnderLoad(t *testing.T) {
 	tc := newCluster(t, 3, true, nil) // as a non-superuser role that owns the tables
+	executeUnderLoad(t, tc, 3)
+}
+
+// executeUnderLoad switches a cluster of at least three nodes while workers
+// writers per front end of every node write (RESET on one node, EXECUTE on
+// another), and checks every write (load.check), the nodes' state and the
+// timings. Every front end of every node writes on the old database before
+// the run and on the new one after it. It returns the halted load.
+func executeUnderLoad(t *testing.T, tc *testCluster, workers int) *load {
+	t.Helper()
 	ctx := testCtx(t)
-	l := startLoad(tc, 3)
+	l := startLoad(tc, workers)
 	defer l.halt()
-	waitFor(t, func() bool { return l.count.Load() > 100 })
+	waitFor(t, func() bool { return l.count.Load() > 100 && l.reached(tc, tc.old.Name) })
 	if err := tc.nodes[1].Reset(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -285,7 +417,8 @@ func TestExecuteSwitchesThreeNodesUnderLoad(t *testing.T) {
 		}
 	}
 	n := l.count.Load()
-	waitFor(t, func() bool { return l.count.Load() > n+100 }) // keep writing on the new database
+	// Keep writing on the new database.
+	waitFor(t, func() bool { return l.count.Load() > n+100 && l.reached(tc, tc.next.Name) })
 	at := doneAt(t, tc)
 	l.check(t, tc, at)
 	s := tc.nodes[0].Status()
@@ -294,6 +427,36 @@ func TestExecuteSwitchesThreeNodesUnderLoad(t *testing.T) {
 	if s.Timings.PauseMS <= 0 || s.Timings.TotalMS <= 0 {
 		t.Errorf("timings missing: %+v", s.Timings)
 	}
+	return l
+}
+
+// viaOf returns the front ends node n's load writes through.
+func (tc *testCluster) viaOf(n int) frontEnd {
+	if tc.via == nil {
+		return viaSQL
+	}
+	return tc.via[n]
+}
+
+// reached reports whether every front end of every node has an
+// acknowledged write on the database named.
+func (l *load) reached(tc *testCluster, name string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	seen := map[[2]int]bool{}
+	for _, a := range l.acks {
+		if a.db == name {
+			seen[[2]int{a.node, int(a.via)}] = true
+		}
+	}
+	for n := range tc.nodes {
+		for _, f := range tc.viaOf(n).each() {
+			if !seen[[2]int{n, int(f)}] {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 func TestObsoleteDatabaseRejectsWrites(t *testing.T) {

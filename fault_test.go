@@ -660,3 +660,36 @@ func TestStrayApplicationSessionIsRefused(t *testing.T) {
 		t.Fatalf("after the refused switch the service reaches %s", got)
 	}
 }
+
+// TestLeaderDyingAfterTheCommitLeavesNoInvalidForeignKey kills the leader
+// right after the commit, before it validates the foreign keys the final
+// sync re-added NOT VALID: another node validates them once the leader is
+// gone (they stayed NOT VALID forever).
+func TestLeaderDyingAfterTheCommitLeavesNoInvalidForeignKey(t *testing.T) {
+	tc := newCluster(t, 2, false, func(i int, cfg *Config) { cfg.APIOnly = i == 0 }) // node 1 leads
+	fk := "CREATE TABLE parent (id int PRIMARY KEY); CREATE TABLE child (id int PRIMARY KEY, p int REFERENCES parent);"
+	pgtest.Exec(t, tc.old.URL, fk+"INSERT INTO parent SELECT generate_series(1, 10); INSERT INTO child SELECT i, i FROM generate_series(1, 10) i")
+	pgtest.Exec(t, tc.next.URL, fk)
+	ctx := testCtx(t)
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	reached := blockAt(tc.nodes[1], "switched")
+	done := make(chan error, 1)
+	go func() { done <- tc.nodes[0].Execute(ctx) }()
+	<-reached
+	nc := pgtest.Connect(t, tc.next.URL)
+	valid := func() bool {
+		var ok bool
+		err := nc.QueryRow(ctx, "SELECT bool_and(convalidated) FROM pg_constraint WHERE conrelid = 'child'::regclass AND contype = 'f'").Scan(&ok)
+		return err == nil && ok
+	}
+	if valid() {
+		t.Fatal("the foreign key is valid before anyone validated it: the test does not test")
+	}
+	crash(tc.nodes[1], tc.dbs[1])
+	if err := <-done; err != nil {
+		t.Fatalf("EXECUTE: %v", err)
+	}
+	waitFor(t, valid)
+}

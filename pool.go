@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"time"
+	"weak"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -82,17 +83,21 @@ func (r *router) openPool(ctx context.Context, cfg *pgxpool.Config) (*pgxpool.Po
 			e = r.next
 		}
 		timeout := cc.ConnectTimeout
-		if err := r.adjust(ctx, e, role, cc); err != nil {
+		if err := r.adjust(ctx, e, role, cc, func(cc *pgx.ConnConfig) { keepHostSettings(cc, host) }); err != nil {
 			return r.public(err)
 		}
-		keepHostSettings(cc, host)
 		if cc.ConnectTimeout <= 0 {
 			cc.ConnectTimeout = timeout // pgxpool's bound on a connect that outlives its Acquire
 		}
 		if hostBefore != nil {
+			name := cc.RuntimeParams["application_name"]
 			if err := hostBefore(ctx, cc); err != nil {
 				return err
 			}
+			if cc.RuntimeParams == nil {
+				cc.RuntimeParams = map[string]string{}
+			}
+			cc.RuntimeParams["application_name"] = name // the marker by which the leader finds the application's sessions
 			if !sameTarget(cc, e.url) {
 				return r.public(fmt.Errorf("%w: the pool's BeforeConnect changed where a connection to the %s database goes: "+
 					"swo decides that (OldURL or NextURL)", ErrConfig, e.label))
@@ -121,7 +126,14 @@ func (r *router) openPool(ctx context.Context, cfg *pgxpool.Config) (*pgxpool.Po
 			return r.public(err)
 		}
 		if hostAfter != nil {
-			return hostAfter(ctx, conn)
+			if err := hostAfter(ctx, conn); err != nil {
+				return err
+			}
+		}
+		if rt := r.route.Load(); e == r.old && (rt.paused != nil || rt.target != toOld) {
+			// A pause or the switch began while it was being set up: its
+			// drain did not see it. Closed, PrepareConn refuses it.
+			_ = conn.Close(ctx)
 		}
 		return nil
 	}
@@ -146,7 +158,7 @@ func (r *router) openPool(ctx context.Context, cfg *pgxpool.Config) (*pgxpool.Po
 		pool.Close()
 		return nil, ErrClosed
 	}
-	r.pools[pool] = struct{}{}
+	r.pools[weak.Make(pool)] = struct{}{}
 	if rt := r.route.Load(); rt.paused != nil || rt.target != toOld {
 		pool.Reset() // a connection it opened may predate the drain
 	}

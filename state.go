@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -16,6 +17,7 @@ import (
 	"github.com/pgswo/swo/internal/cluster"
 	"github.com/pgswo/swo/internal/meta"
 	"github.com/pgswo/swo/internal/msglog"
+	"github.com/pgswo/swo/internal/replicate"
 )
 
 // State is the state of a switchover cluster. Every node derives it from the
@@ -319,6 +321,11 @@ func (n *node) follow(ctx context.Context, conn *pgx.Conn) {
 			n.noteErr(fmt.Errorf("following the cluster: %w", err))
 			closeBounded(conn)
 			conn = nil
+			select { // a persistent error must not become a reconnection storm
+			case <-ctx.Done():
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 5*time.Second)
 		default:
 			backoff = 100 * time.Millisecond
 		}
@@ -342,9 +349,13 @@ func (n *node) followOnce(ctx context.Context, conn *pgx.Conn, listening *bool, 
 		n.observe(m)
 	}
 	if routing, _ := n.routes.report(); routing != RoutingOld {
-		// Switched: say so once, and leave the old database alone.
+		// Switched: say so once, see the run finished, and leave the old
+		// database alone.
 		_ = n.beat(ctx, conn, false)
 		_, _ = n.msgs.Append(ctx, conn, n.id, msglog.KindConfirm, n.currentRun(), nil, nil)
+		if routing == RoutingNext {
+			n.finishAfterLeader(ctx, conn)
+		}
 		return errStopFollowing
 	}
 	if info, _, err := n.meta.Read(ctx, conn); err != nil {
@@ -385,6 +396,77 @@ func (n *node) followOnce(ctx context.Context, conn *pgx.Conn, listening *bool, 
 		return nil // poll interval elapsed, or woken
 	}
 	return err
+}
+
+// finishAfterLeader makes sure the new database's foreign keys get
+// validated after the switch: the leader does it, but it may die (or fail)
+// right after the commit, and nothing else would. Every other node waits
+// while the leader is alive and validations are pending, then does what is
+// left. VALIDATE CONSTRAINT does not block the application, and validating a
+// valid constraint again is harmless.
+func (n *node) finishAfterLeader(ctx context.Context, oldConn *pgx.Conn) {
+	v, _ := n.currentView()
+	if n.runs.leads(v.Run) {
+		return // this node's run does it
+	}
+	ctx, cancel := context.WithTimeout(ctx, afterSwitchTimeout)
+	defer cancel()
+	dst, err := n.config(ctx, n.next, roleSync)
+	if err != nil {
+		return
+	}
+	conn, err := replicate.Connect(ctx, dst)
+	if err != nil {
+		n.noteErr(fmt.Errorf("switched, but the new database's foreign keys could not be checked: %w", err))
+		return
+	}
+	defer closeBounded(conn)
+	for ctx.Err() == nil {
+		pending, err := replicate.PendingValidation(ctx, conn, n.cfg.Namespace)
+		if err != nil || pending == 0 {
+			return
+		}
+		leaderAlive := false
+		if nodes, err := n.table.List(ctx, oldConn, n.timing.timeout); err == nil {
+			leaderAlive = slices.ContainsFunc(nodes, func(c cluster.Node) bool { return c.ID == v.Leader && c.Alive })
+		}
+		if !leaderAlive {
+			n.log.Info("the leader is gone: validating the new database's foreign keys", "pending", pending)
+			e := &replicate.Engine{Dst: dst, Schema: n.cfg.Namespace, SourceID: n.old.Info().ID, Log: n.log}
+			if err := e.Finish(ctx); err != nil {
+				n.noteErr(fmt.Errorf("switched, but validating foreign keys in the new database failed: %w", err))
+			}
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(n.timing.heartbeat):
+		}
+	}
+}
+
+// finishLeftovers validates the foreign keys a switch left NOT VALID in the
+// new database, when a node starts after the switch.
+func (n *node) finishLeftovers(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, afterSwitchTimeout)
+	defer cancel()
+	dst, err := n.config(ctx, n.next, roleSync)
+	if err != nil {
+		return
+	}
+	conn, err := replicate.Connect(ctx, dst)
+	if err != nil {
+		return
+	}
+	pending, err := replicate.PendingValidation(ctx, conn, n.cfg.Namespace)
+	closeBounded(conn)
+	if err != nil || pending == 0 {
+		return
+	}
+	e := &replicate.Engine{Dst: dst, Schema: n.cfg.Namespace, SourceID: n.old.Info().ID, Log: n.log}
+	if err := e.Finish(ctx); err != nil {
+		n.noteErr(fmt.Errorf("validating foreign keys the switch left in the new database failed: %w", err))
+	}
 }
 
 // poke wakes the follow loop at once (after this node appended a message).
@@ -503,9 +585,11 @@ var errForeignNodes = errors.New("nodes of the same databases run in another nam
 // sharing the old database keep their own namespaces; they cannot move to
 // the same next database as separate clusters.)
 func (n *node) foreignNodes(ctx context.Context, conn *pgx.Conn) error {
+	// pg_class, not to_regclass, which fails on a schema the role may not
+	// use (pg_toast, other sessions' temporary schemas).
 	rows, err := conn.Query(ctx, `SELECT n.nspname FROM pg_namespace n
-WHERE n.nspname <> $1 AND to_regclass(quote_ident(n.nspname) || '.nodes') IS NOT NULL
-	AND to_regclass(quote_ident(n.nspname) || '.meta') IS NOT NULL AND to_regclass(quote_ident(n.nspname) || '.log') IS NOT NULL
+WHERE n.nspname <> $1 AND has_schema_privilege(n.oid, 'USAGE')
+	AND (SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname IN ('nodes', 'meta', 'log') AND c.relkind = 'r') = 3
 ORDER BY 1`, n.cfg.Namespace)
 	if err != nil {
 		return err

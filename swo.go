@@ -153,7 +153,9 @@ type Config struct {
 	// dialer, runtime parameters, a password that changes (a cloud
 	// provider's token). It may not change where a connection goes (host,
 	// port, database, user). Runtime parameters it sets apply to the
-	// application's connections; the library's own sessions keep the URL's.
+	// application's connections, except application_name, which carries
+	// swo's marker (set it in the URL: swo appends its marker to it); the
+	// library's own sessions keep the URL's parameters.
 	BeforeConnect func(ctx context.Context, cfg *pgx.ConnConfig) error
 	// AfterConnect, if set, runs on every new application connection of
 	// either front end, after the connector has taken its lock and read the
@@ -320,11 +322,21 @@ func NewConnector(ctx context.Context, cfg Config) (*Connector, error) {
 		c.node = newNode(s, cfg.timing, c.router, c.leader)
 		c.leader.node = c.node
 		var conn *pgx.Conn
-		if conn, err = c.node.join(ctx); err == nil && conn != nil {
+		conn, err = c.node.join(ctx)
+		switch {
+		case err == nil && conn != nil:
 			c.bg.Add(1)
 			go func() {
 				defer c.bg.Done()
 				c.node.follow(bgCtx, conn)
+			}()
+		case err == nil:
+			// Already switched: validations the run left (its leader died
+			// right after the commit) are done here.
+			c.bg.Add(1)
+			go func() {
+				defer c.bg.Done()
+				c.node.finishLeftovers(bgCtx)
 			}()
 		}
 	}

@@ -17,6 +17,7 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Mask replaces passwords in rendered strings.
@@ -40,10 +41,13 @@ func Parse(label, raw string) (*pgx.ConnConfig, error) {
 				"percent-encode special characters such as @ : / in the user name and password)", label, ErrInvalid)
 		}
 	}
-	cfg, err := pgx.ParseConfig(raw)
+	// pgxpool's parser: pool_* parameters (used by OpenPool) are its, not
+	// runtime parameters to send to the server.
+	pc, err := pgxpool.ParseConfig(raw)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w %s: %s", label, ErrInvalid, shown, Scrub(cause(err), passwordOf(raw)))
 	}
+	cfg := pc.ConnConfig
 	if cfg.Database == "" {
 		return nil, fmt.Errorf("%s: %w %s: no database name", label, ErrInvalid, shown)
 	}

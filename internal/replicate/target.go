@@ -424,6 +424,18 @@ func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source
 	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error { return also(ctx, tx) })
 }
 
+// PendingValidation reports how many foreign keys of the target, re-added
+// NOT VALID by a final sync, are still to be validated (Finish does it).
+func PendingValidation(ctx context.Context, conn *pgx.Conn, librarySchema string) (int, error) {
+	var exists bool
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", librarySchema+".target_undo").Scan(&exists); err != nil || !exists {
+		return 0, err
+	}
+	var n int
+	err := conn.QueryRow(ctx, "SELECT count(*) FROM "+pgx.Identifier{librarySchema, "target_undo"}.Sanitize()+" WHERE kind = $1", undoValidate).Scan(&n)
+	return n, err
+}
+
 // KeptFrom names the target's tables (schema.name) that a run from source
 // loaded again because their rows equalled the source's, and left filled
 // when it was undone: their rows were written by swo.

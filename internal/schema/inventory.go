@@ -195,7 +195,7 @@ WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind = 'r' ORDER BY 1
 	// Every (key, name) pair of the catalogs that need more than a count.
 	parts := []string{
 		`SELECT 'pg_class:' || CASE
-			WHEN n.nspname = $1 OR `+isLibrarySchema+` THEN 'library'
+			WHEN n.nspname = $1 OR ` + isLibrarySchema + ` THEN 'library'
 			WHEN n.nspname IN ('pg_catalog', 'information_schema') AND c.relkind IN ('r', 'p', 'S', 'm') THEN 'system-schema'
 			WHEN c.relpersistence = 't' THEN 'temporary'
 			WHEN EXISTS (SELECT 1 FROM pg_extension e WHERE c.oid = ANY(e.extconfig)) THEN CASE WHEN c.relkind = 'S' THEN 'S:extension-config' ELSE 'extension-config' END
