@@ -693,3 +693,35 @@ func TestLeaderDyingAfterTheCommitLeavesNoInvalidForeignKey(t *testing.T) {
 	}
 	waitFor(t, valid)
 }
+
+// TestTargetThatLostCommittedWorkIsRefused makes the new database lose a
+// round the run had committed there (as after a failover to a standby that
+// lagged): the source already consumed those changes, so the switch must
+// be refused inside the pause, not made without them.
+func TestTargetThatLostCommittedWorkIsRefused(t *testing.T) {
+	tc := newCluster(t, 1, false, nil)
+	ctx := testCtx(t)
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tc.nodes[0].leader.testHook = func(_ context.Context, phase string) {
+		if phase == "incremental sync" { // a committed round, and its rows, vanish
+			pgtest.Exec(t, tc.next.URL, "UPDATE swo.target_applied SET commits = commits - 1; DELETE FROM notes WHERE id <= 10")
+		}
+	}
+	err := tc.nodes[0].Execute(ctx)
+	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "lost changes the run had committed") {
+		t.Fatalf("EXECUTE with a target that lost work: %v", err)
+	}
+	if got := dbName(t, tc.dbs[0]); got != tc.old.Name {
+		t.Fatalf("the service moved to %s", got)
+	}
+	tc.nodes[0].leader.testHook = nil
+	if err := tc.nodes[0].Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := tc.nodes[0].Execute(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pgtest.AssertSame(t, tc.old, tc.next, pgtest.CompareOptions{})
+}

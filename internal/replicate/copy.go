@@ -139,20 +139,21 @@ func (e *Engine) copyWorker(ctx context.Context, snap string, work <-chan unit) 
 	for u := range work {
 		e.progress().SetTable(u.src.String())
 		dstSQL := fmt.Sprintf("COPY %s (%s) FROM STDIN", u.dst.QName(), columnList(u.src.WritableColumns(), ""))
-		keep := e.Keep[u.src.String()]
-		if keep { // replace the rows in one transaction: an abort leaves the old ones
-			if err := dst.PgConn().Exec(ctx, "BEGIN; TRUNCATE ONLY "+u.dst.QName()).Close(); err != nil {
-				return fmt.Errorf("copy %s: %w", u.src, err)
-			}
+		// Each unit in one transaction, counted among the run's commits.
+		begin := "BEGIN"
+		if e.Keep[u.src.String()] { // replace the rows in one transaction: an abort leaves the old ones
+			begin += "; TRUNCATE ONLY " + u.dst.QName()
+		}
+		if err := dst.PgConn().Exec(ctx, begin).Close(); err != nil {
+			return fmt.Errorf("copy %s: %w", u.src, err)
 		}
 		if _, err := pipeCopy(ctx, src.PgConn(), u.sourceSQL(), dst.PgConn(), dstSQL, e.progress()); err != nil {
 			return fmt.Errorf("copy %s: %w", u.src, err)
 		}
-		if keep {
-			if err := dst.PgConn().Exec(ctx, "COMMIT").Close(); err != nil {
-				return fmt.Errorf("copy %s: %w", u.src, err)
-			}
+		if err := dst.PgConn().Exec(ctx, e.bumpSQL()+"; COMMIT").Close(); err != nil {
+			return fmt.Errorf("copy %s: %w", u.src, err)
 		}
+		e.applied.Add(1)
 	}
 	return src.PgConn().Exec(ctx, "COMMIT").Close()
 }

@@ -177,6 +177,7 @@ func (e *Engine) Round(ctx context.Context, src, dst *pgx.Conn, limit int) (Roun
 		if err := e.queueDeletes(q, b, tables); err != nil {
 			return err
 		}
+		q.Queue(e.bumpSQL())
 		if err := dstTx.SendBatch(ctx, q).Close(); err != nil {
 			return fmt.Errorf("delete changed keys in the target: %w", err)
 		}
@@ -186,6 +187,7 @@ func (e *Engine) Round(ctx context.Context, src, dst *pgx.Conn, limit int) (Roun
 	if err != nil {
 		return res, err
 	}
+	e.applied.Add(1)
 	if _, err := srcTx.Exec(ctx, "DELETE FROM "+e.capture().ChangesTable()+" WHERE id <= $1", b.maxID); err != nil {
 		return res, fmt.Errorf("consume applied changes: %w", err)
 	}
@@ -348,10 +350,12 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 		}
 	}()
 	var recs []undoRecord
+	var commits int64
 	q = &pgx.Batch{}
 	q.Queue("BEGIN")
 	q.Queue(fmt.Sprintf("SET LOCAL statement_timeout = %d", timeout.Milliseconds()))
 	q.Queue("SET LOCAL synchronous_commit = on") // the final rows must survive a crash of the new database
+	q.Queue("SELECT commits FROM " + e.q("target_applied")).QueryRow(func(r pgx.Row) error { return r.Scan(&commits) })
 	if err := e.queueDeletes(q, b, tables); err != nil {
 		return res, err
 	}
@@ -359,6 +363,9 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 		Query(func(rows pgx.Rows) (err error) { recs, err = collectUndo(rows); return err })
 	if err := dst.SendBatch(ctx, q).Close(); err != nil {
 		return res, fmt.Errorf("final sync: %w", err)
+	}
+	if want := e.applied.Load(); commits != want {
+		return res, fmt.Errorf("%w (it holds %d of the run's %d commits)", ErrTargetLost, commits, want)
 	}
 	if res.Rows, err = e.copyRows(ctx, srcTx.Conn().PgConn(), dst.PgConn(), b, tables); err != nil {
 		return res, fmt.Errorf("final sync: %w", err)

@@ -55,6 +55,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -106,6 +107,14 @@ type Engine struct {
 	// it in their source transaction and stop if it is false, so that a run
 	// overtaken by RESET cannot touch the next run's data.
 	Guard string
+
+	// applied counts the transactions this run committed on the target
+	// (copy units, rounds); each also adds one to the target's own count
+	// (bumpSQL). The final sync compares the two inside the pause: a target
+	// that lost committed work (failed over to a standby that lagged, or
+	// restored) has fewer, and the run must not switch, since the source
+	// already consumed those changes.
+	applied atomic.Int64
 }
 
 // ErrOvertaken is returned when the Guard says the run may no longer write.
@@ -117,6 +126,11 @@ var ErrRefusedAppeared = errors.New("objects that swo cannot move appeared in th
 
 // ErrSchemaChanged is returned by Final when the source's tables or capture
 // triggers changed during the run.
+// ErrTargetLost is returned by Final when the new database no longer holds
+// every transaction the run committed there.
+var ErrTargetLost = errors.New("the new database lost changes the run had committed there (did it fail over to a standby that lagged, or was it restored?): " +
+	"the switch is refused, the service stays on the old database; RESET and EXECUTE again")
+
 var ErrSchemaChanged = errors.New("the old database's tables or change-capture triggers changed during the run (DDL?): changes may have escaped capture; RESET and EXECUTE again")
 
 // guard runs the Guard in q.

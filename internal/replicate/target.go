@@ -42,7 +42,17 @@ func (e *Engine) undoTable() string {
 	name    text NOT NULL,
 	restore text NOT NULL,
 	src     uuid -- for loaded tables: the database they were loaded from
-)`, e.q("target_undo"))
+);
+CREATE TABLE IF NOT EXISTS %s (
+	one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+	commits bigint NOT NULL -- the run's committed transactions on the target (see Engine.applied)
+)`, e.q("target_undo"), e.q("target_applied"))
+}
+
+// bumpSQL counts, in a transaction that writes the run's data to the
+// target, that transaction among the run's commits.
+func (e *Engine) bumpSQL() string {
+	return "UPDATE " + e.q("target_applied") + " SET commits = commits + 1"
 }
 
 type undoRecord struct {
@@ -141,6 +151,10 @@ func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, also func(context.
 	if len(names) > 0 {
 		b.Queue(truncateOnly(names))
 	}
+	// The count of the run's commits on the target starts again.
+	b.Queue("DELETE FROM " + e.q("target_applied"))
+	b.Queue("INSERT INTO " + e.q("target_applied") + " (commits) VALUES (0)")
+	e.applied.Store(0)
 	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if err := tx.SendBatch(ctx, b).Close(); err != nil || also == nil {
 			return err
