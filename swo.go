@@ -171,10 +171,26 @@ var namespaceRE = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,30}$`)
 
 // RegisterFlags registers --db-url and --db-url-next on fs, bound to
 // c.OldURL and c.NextURL, with their current values as defaults (so call
-// LoadEnv first if the environment should provide defaults).
+// LoadEnv first if the environment should provide defaults). The usage text
+// (-h) shows the defaults without their passwords.
 func (c *Config) RegisterFlags(fs *flag.FlagSet) {
-	fs.StringVar(&c.OldURL, "db-url", c.OldURL, "PostgreSQL URL of the current database")
-	fs.StringVar(&c.NextURL, "db-url-next", c.NextURL, "PostgreSQL URL of the database to switch over to (enables switchover mode)")
+	fs.Var((*urlFlag)(&c.OldURL), "db-url", "PostgreSQL URL of the current database")
+	fs.Var((*urlFlag)(&c.NextURL), "db-url-next", "PostgreSQL URL of the database to switch over to (enables switchover mode)")
+}
+
+// urlFlag is a database URL as a flag: set as given, shown redacted.
+type urlFlag string
+
+func (u *urlFlag) String() string {
+	if u == nil || *u == "" {
+		return ""
+	}
+	return dsn.Redact(string(*u))
+}
+
+func (u *urlFlag) Set(v string) error {
+	*u = urlFlag(v)
+	return nil
 }
 
 // LoadEnv sets OldURL and NextURL from PREFIX_DB_URL and PREFIX_DB_URL_NEXT
