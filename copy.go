@@ -14,6 +14,8 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgswo/swo/internal/capture"
+	"github.com/pgswo/swo/internal/cluster"
+	"github.com/pgswo/swo/internal/meta"
 	"github.com/pgswo/swo/internal/msglog"
 	"github.com/pgswo/swo/internal/replicate"
 	"github.com/pgswo/swo/internal/schema"
@@ -905,4 +907,84 @@ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.applica
 		return nil, err
 	}
 	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
+// Check is a dry run of RESET: it checks, without starting a run and
+// without changing either database, what RESET and EXECUTE would check —
+// the configuration, that both databases can be reached and are different
+// databases, that neither is obsolete, that the library's schema can be
+// created, the nodes already running, every precondition of the schemas,
+// and the new database's content. It returns nil when a switchover could
+// start, or an error that errors.Is ErrPreconditions and, with errors.As, a
+// *PreconditionError listing every problem. A service's CI can call it after
+// every migration to keep its schema switchable.
+func Check(ctx context.Context, cfg Config) error {
+	cfg = cfg.withDefaults()
+	p, err := cfg.parse()
+	if err != nil {
+		return err
+	}
+	if p.next == nil {
+		return p.public(fmt.Errorf("%w: Check needs NextURL (--db-url-next): the database to switch over to", ErrConfig))
+	}
+	keys := newLockKeys(cfg.Namespace)
+	s := &common{cfg: cfg, log: cfg.Logger.With("swo.node", cfg.NodeName), keys: keys,
+		meta: meta.New(cfg.Namespace, keys.pair(lockSetup)), old: p.old, next: p.next, redactor: p.redactor}
+	return s.public(s.dryRun(ctx))
+}
+
+// dryRun is Check's work: every read RESET makes, none of its writes.
+func (s *common) dryRun(ctx context.Context) error {
+	var probs []Problem
+	for _, e := range []*endpoint{s.old, s.next} {
+		conn, err := s.connect(ctx, e, roleCtl)
+		if err != nil {
+			return err
+		}
+		info, ok, err := s.meta.Read(ctx, conn)
+		if err == nil && ok {
+			e.setInfo(info)
+			if info.Obsolete() {
+				probs = append(probs, Problem{Object: e.label + " database", Issue: s.obsolete(e, info).Error()})
+			}
+		}
+		if err == nil && !ok {
+			var may bool
+			if err = conn.QueryRow(ctx, "SELECT has_database_privilege(current_database(), 'CREATE')").Scan(&may); err == nil && !may {
+				probs = append(probs, Problem{Object: e.label + " database", Issue: fmt.Sprintf(
+					"the role may not create swo's schema %q: GRANT CREATE ON DATABASE to it, or have an administrator run CREATE SCHEMA %s AUTHORIZATION <role>",
+					s.cfg.Namespace, s.cfg.Namespace)})
+			}
+		}
+		if err == nil && ok && e == s.old {
+			var nodes []cluster.Node
+			if nodes, err = (cluster.Table{Name: s.meta.Table("nodes")}).List(ctx, conn, defaultTimings.timeout); err == nil {
+				if perr := nodeProblems(nodes); perr != nil {
+					probs = append(probs, Problem{Object: "nodes", Issue: perr.Error()})
+				}
+			}
+		}
+		closeBounded(conn)
+		if err != nil {
+			return fmt.Errorf("%s database %s: %w", e.label, e.describe(), err)
+		}
+	}
+	r, err := s.check(ctx)
+	var pe *PreconditionError
+	switch {
+	case errors.As(err, &pe):
+		probs = append(probs, pe.Problems...)
+	case err != nil:
+		return err
+	default:
+		if err := r.checkTarget(ctx); errors.Is(err, ErrTargetNotEmpty) {
+			probs = append(probs, Problem{Object: "new database", Issue: err.Error()})
+		} else if err != nil {
+			return err
+		}
+	}
+	if len(probs) > 0 {
+		return preconditions(probs)
+	}
+	return nil
 }
