@@ -4,7 +4,11 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -331,4 +335,81 @@ func BenchmarkCapture(b *testing.B) {
 	b.ReportMetric(writerRate, "writer-changes/s")
 	b.ReportMetric(applyRate, "apply-changes/s")
 	b.ReportMetric(applyRate/writerRate, "apply/writer")
+}
+
+// BenchmarkSwitchoverVsPgcopydb compares a whole switchover of an idle
+// database (RESET and EXECUTE, one node: checks, capture, copy, indexes,
+// final sync, commit, foreign keys validated) with pgcopydb, the dedicated
+// copy tool, cloning the same data (`pgcopydb clone --table-jobs 2
+// --index-jobs 2`: schema, data, indexes, constraints) into an empty
+// database, side by side on one server. Two identical source databases are
+// used, each copied once, so neither run warms the other's data. Needs
+// pgcopydb (Debian package pgcopydb) and pg_dump on PATH or in the server's
+// binary directory.
+//
+//	go test -run - -bench SwitchoverVsPgcopydb -benchtime 1x -count 2 .
+func BenchmarkSwitchoverVsPgcopydb(b *testing.B) {
+	pgcopydb, err := exec.LookPath("pgcopydb")
+	if err != nil {
+		b.Fatal("pgcopydb not found: apt-get install pgcopydb")
+	}
+	for _, n := range []int{100000} {
+		b.Run(fmt.Sprintf("rows=%d", 15*n), func(b *testing.B) {
+			ctx := context.Background()
+			srv := pgtest.Shared(b)
+			var toolTime, swoTime time.Duration
+			for i := 0; i < b.N; i++ {
+				srcTool, srcSwo := srv.NewDatabase(b), srv.NewDatabase(b)
+				pgtest.Exec(b, srcTool.URL, benchSchema+benchData(n))
+				pgtest.Exec(b, srcSwo.URL, benchSchema+benchData(n))
+				dstTool, dstSwo := srv.NewDatabase(b), srv.NewDatabase(b)
+				pgtest.Exec(b, dstSwo.URL, benchSchema) // the service's migrations
+				pgtest.Exec(b, srcTool.URL, "CHECKPOINT")
+
+				cmd := exec.CommandContext(ctx, pgcopydb, "clone", "--source", srcTool.URL, "--target", dstTool.URL,
+					"--table-jobs", "2", "--index-jobs", "2", "--dir", b.TempDir(), "--no-owner", "--no-acl")
+				cmd.Env = append(os.Environ(), "PATH="+pgBinDir(b)+":"+os.Getenv("PATH"))
+				start := time.Now()
+				if out, err := cmd.CombinedOutput(); err != nil {
+					b.Fatalf("pgcopydb: %v\n%s", err, out)
+				}
+				toolTime += time.Since(start)
+
+				c, err := NewConnector(ctx, Config{OldURL: srcSwo.URL, NextURL: dstSwo.URL, Logger: testLogger(b), SyncWorkers: 2})
+				if err != nil {
+					b.Fatal(err)
+				}
+				pgtest.Exec(b, srcSwo.URL, "CHECKPOINT")
+				start = time.Now()
+				if err := c.Reset(ctx); err != nil {
+					b.Fatal(err)
+				}
+				if err := c.Execute(ctx); err != nil {
+					b.Fatal(err)
+				}
+				waitFor(b, func() bool { return c.leader.progress() == nil }) // foreign keys validated
+				swoTime += time.Since(start)
+				c.Close()
+			}
+			b.ReportMetric(toolTime.Seconds()/float64(b.N), "pgcopydb-s")
+			b.ReportMetric(swoTime.Seconds()/float64(b.N), "swo-s")
+			b.ReportMetric(swoTime.Seconds()/toolTime.Seconds(), "swo/pgcopydb")
+		})
+	}
+}
+
+// pgBinDir is the directory of the PostgreSQL binaries (pg_dump, pg_restore)
+// matching the test server.
+func pgBinDir(tb testing.TB) string {
+	if d := os.Getenv(pgtest.EnvBinDir); d != "" {
+		return d
+	}
+	if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
+		return strings.TrimSpace(string(out))
+	}
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	if len(dirs) == 0 {
+		tb.Fatal("no PostgreSQL binaries for pg_dump")
+	}
+	return dirs[len(dirs)-1]
 }

@@ -653,6 +653,13 @@ func (lr *leaderRun) announce(ctx context.Context) error {
 		return err
 	}
 	warmUntil := time.Now().Add(prepareFor)
+	// With no application connection to the old database there is nothing
+	// to pre-open (an idle database, a service not started yet).
+	var apps int
+	if err := lr.sess.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name ~ $1",
+		lr.sessionsOf(roleApp)).Scan(&apps); err == nil && apps == 0 {
+		warmUntil = time.Now()
+	}
 	if err := lr.sync.catchUp(ctx); err != nil {
 		return fmt.Errorf("incremental sync: %w", err)
 	}

@@ -352,12 +352,8 @@ func (e *Engine) Finish(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, r := range recs {
-		if err := e.applyUndo(ctx, conn, r); err != nil {
-			return fmt.Errorf("validate foreign key %s on %s: %w", r.name, r.tbl, err)
-		}
-	}
-	return nil
+	// In parallel, a table per worker: each validation scans its table.
+	return e.restoreParallel(ctx, recs, PhaseValidating)
 }
 
 // Undo puts the target back as it was before Prepare: it empties the tables
