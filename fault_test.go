@@ -284,6 +284,13 @@ func TestPreconditionFailureReachesTheOtherNodes(t *testing.T) {
 	if !found {
 		t.Fatalf("problem on public.notes.extra not listed: %+v", pe.Problems)
 	}
+	// A page on any node gets the kind and the list too.
+	for _, c := range tc.nodes {
+		waitFor(t, func() bool { return c.Status().State == StateFailed })
+		if s := c.Status(); s.LastErrorCode != "preconditions" || len(s.Problems) != len(pe.Problems) {
+			t.Fatalf("%s: status code %q, %d problems; want preconditions, %d", s.Node.Name, s.LastErrorCode, len(s.Problems), len(pe.Problems))
+		}
+	}
 	if s := tc.nodes[0].Status(); !s.Node.Leader && !slices.ContainsFunc(s.Nodes, func(n NodeStatus) bool { return n.Leader && n.Name == "node-0" }) {
 		t.Fatalf("node-0 did not lead: %+v", s.Nodes)
 	}

@@ -708,6 +708,13 @@ type Status struct {
 	Timings Timings `json:"timings"`
 	// LastError is why the last run failed, or the last error this node saw.
 	LastError string `json:"last_error,omitempty"`
+	// LastErrorCode names the kind of the last run's failure, whichever
+	// node met it: "pause_budget", "preconditions", "target_not_empty",
+	// "obsolete", "config", … ("" when unknown). It is stable: pages may
+	// branch on it as Go code branches with errors.Is.
+	LastErrorCode string `json:"last_error_code,omitempty"`
+	// Problems lists the problems of a failure of the preconditions.
+	Problems []Problem `json:"problems,omitempty"`
 }
 
 // NodeStatus describes one node (service instance in switchover mode).
@@ -843,6 +850,7 @@ func (c *Connector) Status() Status {
 	s.Node = NodeStatus{ID: "", Name: c.cfg.NodeName, Version: c.cfg.Version, CanExec: !c.cfg.APIOnly,
 		OldID: idString(c.old.Info().ID), Alive: true, LastSeen: time.Now(), Routing: routing, Paused: paused}
 	if c.node == nil {
+		s.Node.ConfigValid = true // a plain pass-through has nothing to agree on
 		return s
 	}
 	n := c.node
@@ -864,7 +872,7 @@ func (c *Connector) Status() Status {
 		s.Old.Obsolete = true
 	}
 	if v.Err.Error != "" {
-		s.LastError = v.Err.Error
+		s.LastError, s.LastErrorCode, s.Problems = v.Err.Error, v.Err.Code, v.Err.Problems
 	}
 	probs := cluster.Problems(v.Nodes)
 	for _, cn := range v.Nodes {
