@@ -923,7 +923,8 @@ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.applica
 // created, the nodes already running, every precondition of the schemas,
 // and the new database's content. It returns nil when a switchover could
 // start, or an error that errors.Is ErrPreconditions and, with errors.As, a
-// *PreconditionError listing every problem. A service's CI can call it after
+// *PreconditionError listing every problem (and errors.Is ErrObsolete too
+// when a database was switched away from). A service's CI can call it after
 // every migration to keep its schema switchable.
 func Check(ctx context.Context, cfg Config) error {
 	cfg = cfg.withDefaults()
@@ -943,6 +944,7 @@ func Check(ctx context.Context, cfg Config) error {
 // dryRun is Check's work: every read RESET makes, none of its writes.
 func (s *common) dryRun(ctx context.Context) error {
 	var probs []Problem
+	obsolete := false
 	for _, e := range []*endpoint{s.old, s.next} {
 		conn, err := s.connect(ctx, e, roleCtl)
 		if err != nil {
@@ -952,6 +954,7 @@ func (s *common) dryRun(ctx context.Context) error {
 		if err == nil && ok {
 			e.setInfo(info)
 			if info.Obsolete() {
+				obsolete = true
 				probs = append(probs, Problem{Object: e.label + " database", Issue: s.obsolete(e, info).Error()})
 			}
 		}
@@ -991,6 +994,9 @@ func (s *common) dryRun(ctx context.Context) error {
 		}
 	}
 	if len(probs) > 0 {
+		if obsolete {
+			return fmt.Errorf("%w: %w", ErrObsolete, preconditions(probs))
+		}
 		return preconditions(probs)
 	}
 	return nil

@@ -417,7 +417,9 @@ func (n *node) finishAfterLeader(ctx context.Context, oldConn *pgx.Conn) {
 	}
 	conn, err := replicate.Connect(ctx, dst)
 	if err != nil {
-		n.noteErr(fmt.Errorf("switched, but the new database's foreign keys could not be checked: %w", err))
+		if ctx.Err() == nil { // not a node closing
+			n.noteErr(fmt.Errorf("switched, but the new database's foreign keys could not be checked: %w", err))
+		}
 		return
 	}
 	defer closeBounded(conn)
