@@ -1,6 +1,6 @@
 module github.com/pgswo/swo
 
-go 1.26.0
+go 1.25.0
 
 require (
 	github.com/chromedp/cdproto v0.159.0
@@ -8,7 +8,7 @@ require (
 	github.com/google/uuid v1.6.0
 	github.com/jackc/pgx/v5 v5.12.0
 	github.com/ory/dockertest/v3 v3.12.0
-	golang.org/x/sync v0.25.0
+	golang.org/x/sync v0.22.0
 )
 
 require (
