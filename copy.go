@@ -213,7 +213,7 @@ func (r *syncRun) startCapture(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close(context.Background())
-	err = r.cap.Install(ctx, conn, r.eng.Source.Tables, capture.Options{Timeout: r.c.cfg.CaptureTimeout})
+	err = r.cap.Install(ctx, conn, r.eng.Source.Tables, capture.Options{Timeout: r.c.cfg.CaptureTimeout, MaxLockTimeout: r.c.cfg.PauseBudget})
 	if errors.Is(err, capture.ErrBlocked) {
 		return fmt.Errorf("%w (waited Config.CaptureTimeout, %v: end those transactions, or raise it)", err, r.c.cfg.CaptureTimeout)
 	}
@@ -255,7 +255,7 @@ func (r *syncRun) sealPartitioned(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close(context.Background())
-	return r.cap.SealPartitioned(ctx, conn, r.eng.Source.Partitioned, capture.Options{Timeout: r.c.cfg.CaptureTimeout})
+	return r.cap.SealPartitioned(ctx, conn, r.eng.Source.Partitioned, capture.Options{Timeout: r.c.cfg.CaptureTimeout, MaxLockTimeout: r.c.cfg.PauseBudget})
 }
 
 // refusedNow fails if a refused kind of object appeared in the old
@@ -349,7 +349,7 @@ func (c *common) cleanup(ctx context.Context) error {
 		return fmt.Errorf("%w: the switch has committed; nothing is cleaned up", ErrObsolete)
 	}
 	var errs []error
-	if err := (capture.Capture{Schema: c.cfg.Namespace}).Remove(ctx, src, capture.Options{Timeout: c.cfg.CaptureTimeout}); err != nil {
+	if err := (capture.Capture{Schema: c.cfg.Namespace}).Remove(ctx, src, capture.Options{Timeout: c.cfg.CaptureTimeout, MaxLockTimeout: c.cfg.PauseBudget}); err != nil {
 		errs = append(errs, fmt.Errorf("old database: %w", err))
 	}
 	// Once the loaded rows are gone, the new database no longer holds data of

@@ -72,6 +72,12 @@ type Options struct {
 	LockTimeout time.Duration
 	// Timeout bounds the whole wait for transactions in the way.
 	Timeout time.Duration
+	// MaxLockTimeout: each attempt that times out doubles the next one's
+	// lock timeout, up to MaxLockTimeout, so that a table whose writers'
+	// transactions always overlap (none is long, but at every moment one
+	// is open) is locked in the end; its writers then queue behind the DDL
+	// for up to that long. Default: LockTimeout (no escalation).
+	MaxLockTimeout time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -81,6 +87,7 @@ func (o Options) withDefaults() Options {
 	if o.Timeout <= 0 {
 		o.Timeout = 30 * time.Second
 	}
+	o.MaxLockTimeout = max(o.MaxLockTimeout, o.LockTimeout)
 	return o
 }
 
@@ -121,7 +128,7 @@ END $f$;`, c.q("changes"), c.q("capture_alive"), c.q("capture_truncate")))
 	deadline := time.Now().Add(opts.Timeout)
 	for _, t := range tables {
 		ddl := c.tableDDL(t)
-		if err := withLockRetry(ctx, conn, t, opts.LockTimeout, deadline, ddl); err != nil {
+		if err := withLockRetry(ctx, conn, t, opts, deadline, ddl); err != nil {
 			return fmt.Errorf("install change capture on %s: %w", t, err)
 		}
 	}
@@ -261,7 +268,7 @@ ORDER BY tg.tgrelid`, c.Schema, c.triggerName(), c.truncateName())
 		for _, t := range ts {
 			fmt.Fprintf(&ddl, "DROP TRIGGER IF EXISTS %s ON %s;\n", pgx.Identifier{t.name}.Sanitize(), tbl.QName())
 		}
-		if err := withLockRetry(ctx, conn, tbl, opts.LockTimeout, deadline, ddl.String()); err != nil {
+		if err := withLockRetry(ctx, conn, tbl, opts, deadline, ddl.String()); err != nil {
 			return fmt.Errorf("remove change capture from %s: %w", tbl, err)
 		}
 	}
@@ -364,7 +371,7 @@ func (c Capture) SealPartitioned(ctx context.Context, conn *pgx.Conn, parents []
 		name := pgx.Identifier{c.Schema + "_obsolete"}.Sanitize()
 		ddl := fmt.Sprintf("DROP TRIGGER IF EXISTS %[1]s ON %[2]s; CREATE TRIGGER %[1]s BEFORE INSERT OR UPDATE OR DELETE ON %[2]s FOR EACH ROW EXECUTE FUNCTION %[3]s(); ALTER TABLE %[2]s ENABLE ALWAYS TRIGGER %[1]s",
 			name, t.QName(), c.q("obsolete"))
-		if err := withLockRetry(ctx, conn, t, opts.LockTimeout, deadline, ddl); err != nil {
+		if err := withLockRetry(ctx, conn, t, opts, deadline, ddl); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", t, err))
 		}
 	}
@@ -374,9 +381,11 @@ func (c Capture) SealPartitioned(ctx context.Context, conn *pgx.Conn, parents []
 // withLockRetry runs ddl in its own transaction with a short lock_timeout,
 // retrying lock timeouts and deadlocks until deadline; then it fails naming
 // the sessions that hold locks on the table.
-func withLockRetry(ctx context.Context, conn *pgx.Conn, t *schema.Table, lockTimeout time.Duration, deadline time.Time, ddl string) error {
+func withLockRetry(ctx context.Context, conn *pgx.Conn, t *schema.Table, opts Options, deadline time.Time, ddl string) error {
 	backoff := 10 * time.Millisecond
+	lockTimeout := opts.LockTimeout
 	for {
+		lockTimeout = min(lockTimeout, max(time.Until(deadline), opts.LockTimeout))
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 			if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = '%dms'", lockTimeout.Milliseconds())); err != nil {
 				return err
@@ -393,6 +402,9 @@ func withLockRetry(ctx context.Context, conn *pgx.Conn, t *schema.Table, lockTim
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%w: %s", ErrBlocked, Blockers(ctx, conn, t.OID))
+		}
+		if pgErr.Code == "55P03" {
+			lockTimeout = min(2*lockTimeout, opts.MaxLockTimeout)
 		}
 		select {
 		case <-ctx.Done():

@@ -758,8 +758,8 @@ func (s *Sequence) movedWith(exclude []string) bool {
 // name means that table in any schema.
 func Excluded(patterns []string, schema, name string) bool {
 	for _, p := range patterns {
-		ps, pn := SplitPattern(p)
-		if (ps == "*" || ps == schema) && (pn == "*" || pn == name) {
+		ps, pn, anySchema, anyName := splitPattern(p)
+		if (anySchema || ps == schema) && (anyName || pn == name) {
 			return true
 		}
 	}
@@ -769,21 +769,31 @@ func Excluded(patterns []string, schema, name string) bool {
 // SplitPattern splits an ExcludeTables pattern into its schema and table
 // parts ("*" for a bare table name's schema).
 func SplitPattern(p string) (schema, name string) {
-	parts := splitIdents(p)
-	if len(parts) == 1 {
-		return "*", parts[0]
-	}
-	return parts[0], strings.Join(parts[1:], ".")
+	schema, name, _, _ = splitPattern(p)
+	return schema, name
 }
 
-// splitIdents splits a dotted name into its parts: a part in double quotes
-// is taken literally (with "" for a quote), others up to the next dot.
-func splitIdents(p string) []string {
-	var parts []string
+// splitPattern is SplitPattern that also tells which parts are wildcards:
+// an unquoted *, and the schema of a bare name. A quoted "*" names the
+// table or schema called *.
+func splitPattern(p string) (schema, name string, anySchema, anyName bool) {
+	parts, quoted := splitIdents(p)
+	if len(parts) == 1 {
+		return "*", parts[0], true, parts[0] == "*" && !quoted[0]
+	}
+	return parts[0], parts[1], parts[0] == "*" && !quoted[0], parts[1] == "*" && !quoted[1]
+}
+
+// splitIdents splits a dotted name into its schema and the rest: a part in
+// double quotes is taken literally (with "" for a quote), others up to the
+// next dot; quoted tells which parts had quotes.
+func splitIdents(p string) (parts []string, quoted []bool) {
 	var cur strings.Builder
+	q := false
 	for i := 0; i < len(p); i++ {
 		switch {
 		case p[i] == '"':
+			q = true
 			for i++; i < len(p); i++ {
 				if p[i] == '"' {
 					if i+1 < len(p) && p[i+1] == '"' {
@@ -796,13 +806,14 @@ func splitIdents(p string) []string {
 				cur.WriteByte(p[i])
 			}
 		case p[i] == '.' && len(parts) == 0:
-			parts = append(parts, cur.String())
+			parts, quoted = append(parts, cur.String()), append(quoted, q)
 			cur.Reset()
+			q = false
 		default:
 			cur.WriteByte(p[i])
 		}
 	}
-	return append(parts, cur.String())
+	return append(parts, cur.String()), append(quoted, q)
 }
 
 // Order returns the tables sorted so that referenced tables come before the
