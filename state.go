@@ -308,7 +308,9 @@ func (n *node) follow(ctx context.Context, conn *pgx.Conn) {
 				case <-ctx.Done():
 				case <-time.After(backoff):
 				}
-				backoff = min(2*backoff, 5*time.Second)
+				// At most a heartbeat apart: a node back after its database
+				// came back must beat before the others judge it gone.
+				backoff = min(2*backoff, n.timing.heartbeat)
 				continue
 			}
 			listening = false
@@ -325,7 +327,7 @@ func (n *node) follow(ctx context.Context, conn *pgx.Conn) {
 			case <-ctx.Done():
 			case <-time.After(backoff):
 			}
-			backoff = min(2*backoff, 5*time.Second)
+			backoff = min(2*backoff, n.timing.heartbeat)
 		default:
 			backoff = 100 * time.Millisecond
 		}

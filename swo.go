@@ -598,7 +598,12 @@ func (c *Connector) execute(ctx context.Context) error {
 		case v.Run == m.Run && v.State == StateFailed:
 			return fmt.Errorf("%w: %w", ErrRunFailed, v.Err.err())
 		case v.Run == m.Run && v.State == StateDone:
-			return c.awaitConfirmations(ctx, conn, m.Run)
+			if err := c.awaitConfirmations(ctx, conn, m.Run); err != nil && !strings.HasPrefix(err.Error(), "switched") {
+				return fmt.Errorf("switched (the new database is live), but the other nodes' confirmations could not be read from the old database: %w", err)
+			} else if err != nil {
+				return err
+			}
+			return nil
 		}
 		select {
 		case <-changed:
