@@ -59,6 +59,11 @@ type syncRun struct {
 	// keep names target tables whose rows equalled the source's before the
 	// run: an abort leaves them filled rather than empty.
 	keep map[string]bool
+	// incSrc and incDst are the incremental sync's sessions, opened by its
+	// first round and kept for the rest of the run (closeSessions): over a
+	// slow link a connection costs several round trips, and the backlog
+	// grows meanwhile.
+	incSrc, incDst *pgx.Conn
 }
 
 // check reads both schemas and returns a run ready to start, or a
@@ -213,7 +218,7 @@ func (r *syncRun) startCapture(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close(context.Background())
-	err = r.cap.Install(ctx, conn, r.eng.Source.Tables, capture.Options{Timeout: r.c.cfg.CaptureTimeout, MaxLockTimeout: r.c.cfg.PauseBudget})
+	err = r.cap.Install(ctx, conn, r.eng.Source.Tables, r.eng.Source.Partitioned, capture.Options{Timeout: r.c.cfg.CaptureTimeout, MaxLockTimeout: r.c.cfg.PauseBudget})
 	if errors.Is(err, capture.ErrBlocked) {
 		return fmt.Errorf("%w (waited Config.CaptureTimeout, %v: end those transactions, or raise it)", err, r.c.cfg.CaptureTimeout)
 	}
@@ -238,24 +243,7 @@ func (r *syncRun) initialCopy(ctx context.Context) error {
 	if err := r.eng.InitialCopy(ctx); err != nil {
 		return err
 	}
-	if err := r.eng.RebuildIndexes(ctx); err != nil {
-		return err
-	}
 	return r.eng.RefreshMatViews(ctx)
-}
-
-// sealPartitioned makes the old database's partitioned tables refuse
-// writes (capture.Capture.SealPartitioned).
-func (r *syncRun) sealPartitioned(ctx context.Context) error {
-	if len(r.eng.Source.Partitioned) == 0 {
-		return nil
-	}
-	conn, err := replicate.Connect(ctx, r.eng.Src)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.Background())
-	return r.cap.SealPartitioned(ctx, conn, r.eng.Source.Partitioned, capture.Options{Timeout: r.c.cfg.CaptureTimeout, MaxLockTimeout: r.c.cfg.PauseBudget})
 }
 
 // refusedNow fails if a refused kind of object appeared in the old
@@ -264,13 +252,11 @@ func (r *syncRun) refusedNow(ctx context.Context) error {
 	if r.eng.RefusedNow == "" {
 		return nil
 	}
-	conn, err := replicate.Connect(ctx, r.eng.Src)
-	if err != nil {
+	if err := r.openSessions(ctx); err != nil {
 		return err
 	}
-	defer conn.Close(context.Background())
 	var refused []string
-	if err := conn.QueryRow(ctx, r.eng.RefusedNow).Scan(&refused); err != nil {
+	if err := r.incSrc.QueryRow(ctx, r.eng.RefusedNow).Scan(&refused); err != nil {
 		return err
 	}
 	if len(refused) > 0 {
@@ -298,17 +284,43 @@ func (c *common) changeTableBlockers() string {
 
 // catchUp runs incremental rounds until the backlog is small.
 func (r *syncRun) catchUp(ctx context.Context) error {
-	src, err := replicate.Connect(ctx, r.eng.Src)
-	if err != nil {
+	if err := r.openSessions(ctx); err != nil {
 		return err
 	}
-	defer src.Close(context.Background())
-	dst, err := replicate.Connect(ctx, r.eng.Dst)
-	if err != nil {
-		return err
+	return r.eng.CatchUp(ctx, r.incSrc, r.incDst, 100*time.Millisecond)
+}
+
+// openSessions opens the incremental sync's sessions, or reopens them if
+// one broke (a failed round may have left it unusable).
+func (r *syncRun) openSessions(ctx context.Context) error {
+	for _, s := range []struct {
+		conn **pgx.Conn
+		cfg  *pgx.ConnConfig
+	}{{&r.incSrc, r.eng.Src}, {&r.incDst, r.eng.Dst}} {
+		if *s.conn != nil && !(*s.conn).IsClosed() && (*s.conn).PgConn().TxStatus() == 'I' {
+			continue
+		}
+		if *s.conn != nil {
+			closeBounded(*s.conn)
+		}
+		conn, err := replicate.Connect(ctx, s.cfg)
+		if err != nil {
+			*s.conn = nil
+			return err
+		}
+		*s.conn = conn
 	}
-	defer dst.Close(context.Background())
-	return r.eng.CatchUp(ctx, src, dst, 100*time.Millisecond)
+	return nil
+}
+
+// closeSessions closes the incremental sync's sessions.
+func (r *syncRun) closeSessions() {
+	for _, c := range []*pgx.Conn{r.incSrc, r.incDst} {
+		if c != nil {
+			closeBounded(c)
+		}
+	}
+	r.incSrc, r.incDst = nil, nil
 }
 
 // final runs the last round inside the pause, in oldTx, and consumes the
@@ -542,6 +554,9 @@ func (lr *leaderRun) lead(ctx context.Context) {
 	err = lr.steps(ctx)
 	if lr.dst != nil {
 		closeBounded(lr.dst)
+	}
+	if lr.sync != nil {
+		lr.sync.closeSessions()
 	}
 	if err != nil && ctx.Err() == nil {
 		lr.failed(err)
@@ -778,17 +793,15 @@ func (lr *leaderRun) commit(ctx context.Context, pauseStart time.Time) (replicat
 	return res, nil
 }
 
-// afterSwitch seals the old database (its sequences, and partitions created
-// later) and validates the new database's foreign keys. The switch is done:
+// afterSwitch freezes the old database's sequences and validates the new
+// database's foreign keys (partitions created later in the old database
+// are refused by the seal, which the switch's transaction turned on). The switch is done:
 // a failure here is reported, not fatal.
 func (lr *leaderRun) afterSwitch(ctx context.Context, res replicate.FinalResult) {
 	r := lr.sync
 	lr.progress.SetPhase(replicate.PhaseSealing, 0, 0)
 	if err := r.eng.FreezeSequences(ctx, res); err != nil {
 		lr.node.noteErr(fmt.Errorf("switched, but freezing sequences in the old database failed (nextval still works there): %w", err))
-	}
-	if err := r.sealPartitioned(ctx); err != nil {
-		lr.node.noteErr(fmt.Errorf("switched, but sealing partitioned tables in the old database failed (a partition created there later would take writes): %w", err))
 	}
 	lr.progress.SetPhase(replicate.PhaseValidating, 0, 0)
 	if err := r.eng.Finish(ctx); err != nil {

@@ -42,6 +42,11 @@ var (
 	// not finish within Config.PauseBudget; the run aborted and the service
 	// carries on with the old database.
 	ErrPauseBudget = errors.New("pause budget exceeded")
+	// ErrUnconfirmed: the switch committed (the new database is live), but
+	// Execute could not see every alive node confirm that it routes there.
+	// Nothing is to be undone: check the nodes it names (Status shows each
+	// node's routing), and restart them on the new URL as planned.
+	ErrUnconfirmed = errors.New("switched, but not confirmed by every node")
 )
 
 // codes name the sentinels in the message log, so that a failure keeps its

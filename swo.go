@@ -598,8 +598,8 @@ func (c *Connector) execute(ctx context.Context) error {
 		case v.Run == m.Run && v.State == StateFailed:
 			return fmt.Errorf("%w: %w", ErrRunFailed, v.Err.err())
 		case v.Run == m.Run && v.State == StateDone:
-			if err := c.awaitConfirmations(ctx, conn, m.Run); err != nil && !strings.HasPrefix(err.Error(), "switched") {
-				return fmt.Errorf("switched (the new database is live), but the other nodes' confirmations could not be read from the old database: %w", err)
+			if err := c.awaitConfirmations(ctx, conn, m.Run); err != nil && !errors.Is(err, ErrUnconfirmed) {
+				return fmt.Errorf("%w: the new database is live, but the other nodes' confirmations could not be read from the old database: %w", ErrUnconfirmed, err)
 			} else if err != nil {
 				return err
 			}
@@ -641,8 +641,8 @@ func (c *Connector) awaitConfirmations(ctx context.Context, conn *pgx.Conn, run 
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("switched (the new database is live), but node(s) %s did not confirm within %v: check them",
-				strings.Join(missing, ", "), 2*timeout)
+			return fmt.Errorf("%w: the new database is live, but node(s) %s did not confirm within %v: check them",
+				ErrUnconfirmed, strings.Join(missing, ", "), 2*timeout)
 		}
 		select {
 		case <-ctx.Done():

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/pgswo/swo"
+	"github.com/pgswo/swo/examples/internal/progressview"
 	"github.com/pgswo/swo/internal/pgtest"
 )
 
@@ -112,11 +113,12 @@ INSERT INTO orders (customer_id, total) SELECT 1 + i %% %d, (i %% 1000) / 10.0 F
 	fmt.Printf("  state: %s\n", nodes[0].Status().State)
 
 	step("EXECUTE (the service keeps writing)")
-	stop := make(chan struct{})
-	go showProgress(nodes[1], stop)
+	stop, shown := make(chan struct{}), make(chan struct{})
+	go showProgress(nodes[1], stop, shown)
 	start := time.Now()
 	err = nodes[1].Execute(ctx)
 	close(stop)
+	<-shown
 	if err != nil {
 		return err
 	}
@@ -203,31 +205,24 @@ func printNodes(s swo.Status) {
 	}
 }
 
-func showProgress(c *swo.Connector, stop <-chan struct{}) {
-	last := ""
+// showProgress shows the run's progress until stop is closed: a bar redrawn
+// in place on a terminal, plain lines otherwise. It closes done when it has
+// finished its line.
+func showProgress(c *swo.Connector, stop <-chan struct{}, done chan<- struct{}) {
+	defer close(done)
+	tty := progressview.IsTerminal(os.Stdout)
+	v := progressview.New(os.Stdout, tty)
+	defer v.End()
+	every := time.Second
+	if tty {
+		every = 200 * time.Millisecond
+	}
 	for {
+		v.Show(c.Status())
 		select {
 		case <-stop:
 			return
-		case <-time.After(time.Second):
-		}
-		s := c.Status()
-		line := s.State.String()
-		if p := s.Progress; p != nil {
-			line += fmt.Sprintf(" | %s", p.Phase)
-			if p.Table != "" {
-				line += " " + p.Table
-			}
-			if p.RowsTotal > 0 {
-				line += fmt.Sprintf(" | %d/%d rows", p.RowsDone, p.RowsTotal)
-			}
-			if p.ETAMS > 0 {
-				line += fmt.Sprintf(" | ETA %v", (time.Duration(p.ETAMS) * time.Millisecond).Round(100*time.Millisecond))
-			}
-		}
-		if line != last {
-			fmt.Println("  " + line)
-			last = line
+		case <-time.After(every):
 		}
 	}
 }

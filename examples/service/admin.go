@@ -129,6 +129,8 @@ var hints = []struct {
 	{swo.ErrPauseBudget, "The service's transactions on the old database did not finish within the pause budget, so the switch " +
 		"was called off and the service stayed on the old database. Look for long transactions or connections held open " +
 		"(the error names them), then press RESET and EXECUTE again."},
+	{swo.ErrUnconfirmed, "The switch is done: the new database is live. Check the nodes the error names (their routing on this " +
+		"page), then restart every instance with --db-url=<the new database> only, as planned."},
 	{swo.ErrDone, "The switch is complete. Restart every instance with --db-url=<the new database> only, without --db-url-next."},
 	{swo.ErrObsolete, "A configured database was switched away from. Restart the instances with --db-url=<the database now live>."},
 	{swo.ErrNotReady, "Nothing was changed. Press RESET first and wait for the state \"idle\"; every node must show a valid configuration."},

@@ -34,6 +34,7 @@ import (
 	"time"
 
 	"github.com/pgswo/swo"
+	"github.com/pgswo/swo/examples/internal/progressview"
 )
 
 // Exit codes, for scripts.
@@ -137,7 +138,7 @@ var defaultTimeouts = map[string]time.Duration{
 
 // run is the command: args without the program name. It returns the exit code.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	tty := isTerminal(stdout)
+	tty := progressview.IsTerminal(stdout)
 	stdout, stderr = &lockedWriter{w: stdout}, &lockedWriter{w: stderr}
 	opts, code, ok := parse(args, stderr)
 	if !ok {
@@ -333,7 +334,7 @@ func printStatus(w io.Writer, s swo.Status) {
 		fmt.Fprintf(w, "next:     %s\n", describeDB(*s.Next))
 	}
 	if p := s.Progress; p != nil {
-		fmt.Fprintf(w, "progress: %s\n", progressText(p, false))
+		fmt.Fprintf(w, "progress: %s\n", progressview.Text(p, false))
 	}
 	t := s.Timings
 	var times []string
@@ -458,7 +459,7 @@ func reset(ctx context.Context, c *swo.Connector, stdout, stderr io.Writer) int 
 func execute(ctx context.Context, c *swo.Connector, tty bool, stdout, stderr io.Writer) int {
 	done := make(chan error, 1)
 	go func() { done <- c.Execute(ctx) }()
-	p := &progressView{w: stdout, tty: tty}
+	p := progressview.New(stdout, tty)
 	every := time.Second
 	if tty {
 		every = 200 * time.Millisecond
@@ -472,13 +473,13 @@ wait:
 		case err = <-done:
 			break wait
 		case <-tick.C:
-			p.show(c.Status())
+			p.Show(c.Status())
 		}
 	}
-	p.end()
+	p.End()
 	s := c.Status()
 	switch {
-	case err != nil && s.Routing == swo.RoutingNext:
+	case errors.Is(err, swo.ErrUnconfirmed) || err != nil && s.Routing == swo.RoutingNext:
 		// The switch committed: what failed came after it (a node that did
 		// not confirm in time, or this command's waiting).
 		fmt.Fprintf(stderr, "swoctl execute: warning: %v\n", err)
@@ -492,108 +493,6 @@ wait:
 	}
 	fmt.Fprintf(stdout, "next: restart every instance with --db-url pointing at %s, without --db-url-next; the old database is obsolete\n", next)
 	return exitOK
-}
-
-// progressView shows a run's progress: on a terminal one line redrawn in
-// place, otherwise a plain line at each change of state, phase or table,
-// and at most every 10 seconds in between.
-type progressView struct {
-	w       io.Writer
-	tty     bool
-	drawn   int    // length of the line on the terminal
-	lastKey string // state, phase and table of the last plain line
-	lastAt  time.Time
-}
-
-func (p *progressView) show(s swo.Status) {
-	line := s.State.String()
-	key := line
-	if s.Progress != nil {
-		line += " | " + progressText(s.Progress, p.tty)
-		key += "|" + string(s.Progress.Phase) + "|" + s.Progress.Table
-	}
-	if !p.tty {
-		if key != p.lastKey || time.Since(p.lastAt) >= 10*time.Second {
-			fmt.Fprintln(p.w, line)
-			p.lastKey, p.lastAt = key, time.Now()
-		}
-		return
-	}
-	pad := ""
-	if n := p.drawn - len(line); n > 0 {
-		pad = strings.Repeat(" ", n)
-	}
-	fmt.Fprint(p.w, "\r"+line+pad)
-	p.drawn = len(line)
-}
-
-// end finishes the terminal's line.
-func (p *progressView) end() {
-	if p.tty && p.drawn > 0 {
-		fmt.Fprintln(p.w)
-		p.drawn = 0
-	}
-}
-
-// progressText renders a phase's progress: phase, table, rows done of the
-// total (with a bar on a terminal), rate and ETA.
-func progressText(p *swo.Progress, bar bool) string {
-	parts := []string{string(p.Phase)}
-	if p.Table != "" {
-		parts = append(parts, p.Table)
-	}
-	// The phases that rebuild or refresh objects count those, not rows.
-	unit := "rows"
-	switch p.Phase {
-	case swo.PhaseRebuildIndexes:
-		unit = "indexes and keys"
-	case swo.PhaseRefreshMatViews:
-		unit = "views"
-	}
-	switch {
-	case p.RowsTotal > 0:
-		frac := min(float64(p.RowsDone)/float64(p.RowsTotal), 1)
-		done := fmt.Sprintf("%s/%s %s (%d%%)", count(p.RowsDone), count(p.RowsTotal), unit, int(frac*100))
-		if bar {
-			const width = 20
-			n := int(frac * width)
-			done = "[" + strings.Repeat("#", n) + strings.Repeat(".", width-n) + "] " + done
-		}
-		parts = append(parts, done)
-	case p.RowsDone > 0:
-		parts = append(parts, count(p.RowsDone)+" "+unit)
-	}
-	if p.RowsPerSec > 0 && unit == "rows" {
-		parts = append(parts, count(int64(p.RowsPerSec))+" rows/s")
-	}
-	if p.ETAMS > 0 {
-		eta := time.Duration(p.ETAMS) * time.Millisecond
-		if eta >= time.Second {
-			eta = eta.Round(time.Second)
-		} else {
-			eta = eta.Round(100 * time.Millisecond)
-		}
-		parts = append(parts, "ETA "+eta.String())
-	}
-	return strings.Join(parts, " | ")
-}
-
-// count renders n with thousands separators: 1,234,567.
-func count(n int64) string {
-	s := fmt.Sprint(n)
-	neg := strings.HasPrefix(s, "-")
-	s = strings.TrimPrefix(s, "-")
-	var b strings.Builder
-	for i, r := range s {
-		if i > 0 && (len(s)-i)%3 == 0 {
-			b.WriteByte(',')
-		}
-		b.WriteRune(r)
-	}
-	if neg {
-		return "-" + b.String()
-	}
-	return b.String()
 }
 
 // ---- verify ----
@@ -722,15 +621,4 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
-}
-
-// isTerminal reports whether w is a terminal (a character device), where
-// progress is redrawn in place.
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok || os.Getenv("TERM") == "dumb" {
-		return false
-	}
-	fi, err := f.Stat()
-	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }

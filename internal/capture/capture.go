@@ -105,8 +105,10 @@ func (c Capture) ChangesTable() string { return c.q("changes") }
 func (c Capture) triggerName() string  { return c.Schema + "_capture" }
 func (c Capture) truncateName() string { return c.Schema + "_capture_truncate" }
 
-// Install creates the change table and the triggers on every table.
-func (c Capture) Install(ctx context.Context, conn *pgx.Conn, tables []*schema.Table, opts Options) error {
+// Install creates the change table and the triggers on every table, and
+// the seal trigger on every top-level partitioned table of parents (see
+// sealDDL).
+func (c Capture) Install(ctx context.Context, conn *pgx.Conn, tables, parents []*schema.Table, opts Options) error {
 	opts = opts.withDefaults()
 	_, err := conn.Exec(ctx, fmt.Sprintf(`
 CREATE UNLOGGED TABLE IF NOT EXISTS %[1]s (
@@ -132,7 +134,49 @@ END $f$;`, c.q("changes"), c.q("capture_alive"), c.q("capture_truncate")))
 			return fmt.Errorf("install change capture on %s: %w", t, err)
 		}
 	}
+	if _, err := conn.Exec(ctx, c.sealFunction()); err != nil {
+		return fmt.Errorf("create the partitions' seal: %w", err)
+	}
+	for _, t := range parents {
+		if t.Partition {
+			continue // a partition of a partitioned table: its parent's trigger is cloned to it
+		}
+		if err := withLockRetry(ctx, conn, t, opts, deadline, c.sealDDL(t)); err != nil {
+			return fmt.Errorf("install change capture on %s: %w", t, err)
+		}
+	}
 	return nil
+}
+
+// sealName is the seal trigger's name.
+func (c Capture) sealName() string { return c.Schema + "_obsolete" }
+
+// sealFunction lets every row through: the seal's function until the switch,
+// when RejectWritesSQL replaces it, in the switch's transaction, with one
+// that refuses the write.
+func (c Capture) sealFunction() string {
+	return fmt.Sprintf(`CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+	IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+		RETURN OLD;
+	END IF;
+	RETURN NEW;
+END $f$`, c.q("seal"))
+}
+
+// sealDDL puts the seal trigger on a partitioned table. A row trigger on a
+// partitioned table is cloned to each of its partitions, those created or
+// attached later too: after the switch, a partition maintenance job still
+// pointed at the old database, which creates next month's partition and
+// writes through the parent, is refused like every other writer (the new
+// partition carries no capture trigger of its own). Installed with capture,
+// so that the switch itself (one CREATE OR REPLACE FUNCTION, no lock on the
+// tables) turns it on: there is no moment after the commit when such a write
+// is accepted, and nothing is left to do if the leader dies right after it.
+func (c Capture) sealDDL(t *schema.Table) string {
+	name := pgx.Identifier{c.sealName()}.Sanitize()
+	return fmt.Sprintf("DROP TRIGGER IF EXISTS %[1]s ON %[2]s; CREATE TRIGGER %[1]s BEFORE INSERT OR UPDATE OR DELETE ON %[2]s FOR EACH ROW EXECUTE FUNCTION %[3]s(); ALTER TABLE %[2]s ENABLE ALWAYS TRIGGER %[1]s",
+		name, t.QName(), c.q("seal"))
 }
 
 // tableDDL is the trigger function and triggers for one table.
@@ -235,8 +279,8 @@ func (c Capture) Remove(ctx context.Context, conn *pgx.Conn, opts Options) error
 SELECT tg.tgrelid, n.nspname, cl.relname, tg.tgname
 FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
 JOIN pg_class cl ON cl.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = cl.relnamespace
-WHERE pn.nspname = $1 AND tg.tgname IN ($2, $3)
-ORDER BY tg.tgrelid`, c.Schema, c.triggerName(), c.truncateName())
+WHERE pn.nspname = $1 AND (tg.tgname IN ($2, $3) OR tg.tgname = $4 AND NOT cl.relispartition)
+ORDER BY tg.tgrelid`, c.Schema, c.triggerName(), c.truncateName(), c.sealName())
 	if err != nil {
 		return fmt.Errorf("list capture triggers: %w", err)
 	}
@@ -274,7 +318,7 @@ ORDER BY tg.tgrelid`, c.Schema, c.triggerName(), c.truncateName())
 	}
 	rows, err = conn.Query(ctx, `
 SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-WHERE n.nspname = $1 AND (p.proname LIKE 'capture\_%' OR p.proname = 'capture_truncate')`, c.Schema)
+WHERE n.nspname = $1 AND (p.proname LIKE 'capture\_%' OR p.proname IN ('capture_truncate', 'seal'))`, c.Schema)
 	if err != nil {
 		return err
 	}
@@ -354,28 +398,8 @@ END $f$`, c.q(name), msg)
 		fmt.Sprintf("CREATE TRIGGER obsolete BEFORE INSERT ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()", c.q("changes"), c.q("obsolete")),
 		fmt.Sprintf("ALTER TABLE %s ENABLE ALWAYS TRIGGER obsolete", c.q("changes")),
 		fn("capture_truncate"),
+		fn("seal"),
 	}
-}
-
-// SealPartitioned makes each partitioned table refuse writes, after the
-// switch, with the obsolete message: its row triggers are cloned to every
-// partition, those created later too (a partition maintenance job still
-// pointed at the old database would otherwise write into a new partition,
-// which carries no capture trigger). Each table in a transaction of its own,
-// retried as capture's installation is.
-func (c Capture) SealPartitioned(ctx context.Context, conn *pgx.Conn, parents []*schema.Table, opts Options) error {
-	opts = opts.withDefaults()
-	deadline := time.Now().Add(opts.Timeout)
-	var errs []error
-	for _, t := range parents {
-		name := pgx.Identifier{c.Schema + "_obsolete"}.Sanitize()
-		ddl := fmt.Sprintf("DROP TRIGGER IF EXISTS %[1]s ON %[2]s; CREATE TRIGGER %[1]s BEFORE INSERT OR UPDATE OR DELETE ON %[2]s FOR EACH ROW EXECUTE FUNCTION %[3]s(); ALTER TABLE %[2]s ENABLE ALWAYS TRIGGER %[1]s",
-			name, t.QName(), c.q("obsolete"))
-		if err := withLockRetry(ctx, conn, t, opts, deadline, ddl); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", t, err))
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // withLockRetry runs ddl in its own transaction with a short lock_timeout,

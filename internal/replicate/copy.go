@@ -66,10 +66,12 @@ func (u unit) sourceSQL() string {
 var snapshotRE = regexp.MustCompile(`^[0-9A-Fa-f-]+$`)
 
 // InitialCopy copies every table from one exported snapshot of the source
-// into the prepared target, Workers streams at a time. Change capture must be
-// installed before it starts: the snapshot is taken after, so every write is
-// either in the copy or captured (or both, which is harmless). Changes
-// captured before the snapshot are already in the copy and are discarded.
+// into the prepared target, Workers streams at a time, and rebuilds the
+// target's keys and indexes: each table's as soon as its rows are in, beside
+// the copy of the others (see loadQueue). Change capture must be installed
+// before it starts: the snapshot is taken after, so every write is either in
+// the copy or captured (or both, which is harmless). Changes captured before
+// the snapshot are already in the copy and are discarded.
 func (e *Engine) InitialCopy(ctx context.Context) error {
 	coord, err := Connect(ctx, e.Src)
 	if err != nil {
@@ -91,6 +93,10 @@ func (e *Engine) InitialCopy(ctx context.Context) error {
 	if !snapshotRE.MatchString(snap) {
 		return fmt.Errorf("unexpected snapshot id %q", snap)
 	}
+	recs, err := e.indexRecords(ctx)
+	if err != nil {
+		return fmt.Errorf("rebuild indexes: %w", err)
+	}
 
 	var rows, bytes int64
 	for _, t := range e.Source.Tables {
@@ -99,12 +105,12 @@ func (e *Engine) InitialCopy(ctx context.Context) error {
 	}
 	e.progress().SetPhase(PhaseInitialCopy, rows, bytes)
 	units := e.plan()
-	work := make(chan unit)
+	q := newLoadQueue(units, recs, e.progress())
 	g, gctx := errgroup.WithContext(ctx)
-	for i := 0; i < min(e.workers(), len(units)); i++ {
-		g.Go(func() error { return e.copyWorker(gctx, snap, work) })
+	for i := 0; i < min(e.workers(), len(units)+len(recs)); i++ {
+		g.Go(func() error { return e.loadWorker(gctx, snap, q) })
 	}
-	g.Go(func() error { return feed(gctx, work, units) })
+	go func() { <-gctx.Done(); q.stop() }() // wakes the idle workers when one fails
 	if err := g.Wait(); err != nil {
 		return fmt.Errorf("initial copy: %w", err)
 	}
@@ -117,7 +123,19 @@ func (e *Engine) InitialCopy(ctx context.Context) error {
 	return tx.Commit(ctx)
 }
 
-func (e *Engine) copyWorker(ctx context.Context, snap string, work <-chan unit) error {
+// indexRecords reads the keys and indexes Prepare dropped.
+func (e *Engine) indexRecords(ctx context.Context) ([]undoRecord, error) {
+	conn, err := Connect(ctx, e.Dst)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close(context.Background())
+	return e.undoRecords(ctx, conn, undoConstraint, undoIndex)
+}
+
+// loadWorker takes jobs from q until none is left: copy units, in its
+// transaction of the exported snapshot, and index rebuilds.
+func (e *Engine) loadWorker(ctx context.Context, snap string, q *loadQueue) error {
 	src, err := Connect(ctx, e.Src)
 	if err != nil {
 		return err
@@ -130,32 +148,64 @@ func (e *Engine) copyWorker(ctx context.Context, snap string, work <-chan unit) 
 	defer dst.Close(context.Background())
 	// Commits stay synchronous (one WAL flush per unit): a target that
 	// restarted between two steps of the run must not have lost a unit.
-	if _, err := dst.Exec(ctx, "SET synchronous_commit = on"); err != nil {
+	mem := e.MaintenanceWorkMem
+	if mem == "" {
+		mem = "128MB"
+	}
+	if _, err := dst.Exec(ctx, "SELECT set_config('synchronous_commit', 'on', false), set_config('maintenance_work_mem', $1, false)", mem); err != nil {
 		return err
 	}
 	if err := src.PgConn().Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '"+snap+"'").Close(); err != nil {
 		return fmt.Errorf("import snapshot: %w", err)
 	}
-	for u := range work {
-		e.progress().SetTable(u.src.String())
-		dstSQL := fmt.Sprintf("COPY %s (%s) FROM STDIN", u.dst.QName(), columnList(u.src.WritableColumns(), ""))
-		// Each unit in one transaction, counted among the run's commits.
-		begin := "BEGIN"
-		if e.Keep[u.src.String()] { // replace the rows in one transaction: an abort leaves the old ones
-			begin += "; TRUNCATE ONLY " + u.dst.QName()
+	for {
+		j, ok := q.next()
+		if !ok {
+			break
 		}
-		if err := dst.PgConn().Exec(ctx, begin).Close(); err != nil {
-			return fmt.Errorf("copy %s: %w", u.src, err)
+		if j.unit != nil {
+			err = e.copyUnit(ctx, src, dst, *j.unit)
+		} else {
+			err = e.rebuild(ctx, dst, j.recs)
 		}
-		if _, err := pipeCopy(ctx, src.PgConn(), u.sourceSQL(), dst.PgConn(), dstSQL, e.progress()); err != nil {
-			return fmt.Errorf("copy %s: %w", u.src, err)
+		if err != nil {
+			return err
 		}
-		if err := dst.PgConn().Exec(ctx, e.bumpSQL()+"; COMMIT").Close(); err != nil {
-			return fmt.Errorf("copy %s: %w", u.src, err)
-		}
-		e.applied.Add(1)
+		q.done(j)
 	}
 	return src.PgConn().Exec(ctx, "COMMIT").Close()
+}
+
+// copyUnit copies one unit in one transaction of the target, counted among
+// the run's commits.
+func (e *Engine) copyUnit(ctx context.Context, src, dst *pgx.Conn, u unit) error {
+	e.progress().SetTable(u.src.String())
+	dstSQL := fmt.Sprintf("COPY %s (%s) FROM STDIN", u.dst.QName(), columnList(u.src.WritableColumns(), ""))
+	begin := "BEGIN"
+	if e.Keep[u.src.String()] { // replace the rows in one transaction: an abort leaves the old ones
+		begin += "; TRUNCATE ONLY " + u.dst.QName()
+	}
+	if err := dst.PgConn().Exec(ctx, begin).Close(); err != nil {
+		return fmt.Errorf("copy %s: %w", u.src, err)
+	}
+	if _, err := pipeCopy(ctx, src.PgConn(), u.sourceSQL(), dst.PgConn(), dstSQL, e.progress()); err != nil {
+		return fmt.Errorf("copy %s: %w", u.src, err)
+	}
+	if err := dst.PgConn().Exec(ctx, e.bumpSQL()+"; COMMIT").Close(); err != nil {
+		return fmt.Errorf("copy %s: %w", u.src, err)
+	}
+	e.applied.Add(1)
+	return nil
+}
+
+// rebuild applies undo records of one table, in order.
+func (e *Engine) rebuild(ctx context.Context, dst *pgx.Conn, recs []undoRecord) error {
+	for _, r := range recs {
+		if err := e.applyUndo(ctx, dst, r); err != nil {
+			return fmt.Errorf("%s: %s %s on %s: %w", PhaseRebuildIndexes, r.kind, r.name, r.tbl, err)
+		}
+	}
+	return nil
 }
 
 // pipeCopy streams COPY ... TO STDOUT on src into COPY ... FROM STDIN on dst,

@@ -136,30 +136,52 @@ type RoundResult struct {
 	Changes  int // change rows consumed
 	Keys     int // distinct keys applied
 	Rows     int64
+	Backlog  int64 // the backlog the round saw (an upper bound, see Backlog)
 	Duration time.Duration
 }
 
 // Round applies up to limit captured changes: see the package doc.
-func (e *Engine) Round(ctx context.Context, src, dst *pgx.Conn, limit int) (RoundResult, error) {
+//
+// A round costs the source two round trips and one per table it touches
+// (each COPY of changed rows), and the target as many: over a slow link the
+// round trips, not the rows, are the cost of a round, so CatchUp makes
+// rounds big when the link is slow (see CatchUp).
+func (e *Engine) Round(ctx context.Context, src, dst *pgx.Conn, limit int) (res RoundResult, err error) {
 	start := time.Now()
-	var res RoundResult
-	srcTx, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
-	if err != nil {
-		return res, err
+	defer func() {
+		// An error inside a batch leaves a transaction open or aborted.
+		for _, c := range []*pgx.Conn{src, dst} {
+			if err != nil && !c.IsClosed() && c.PgConn().TxStatus() != 'I' {
+				_, _ = c.Exec(context.Background(), "ROLLBACK")
+			}
+		}
+	}()
+	// Source, one round trip: the snapshot, the guard, capture intact, the
+	// backlog and the changes.
+	var (
+		ok, alive = true, false
+		b         *batch
+	)
+	q := &pgx.Batch{}
+	q.Queue("BEGIN ISOLATION LEVEL REPEATABLE READ")
+	if e.Guard != "" {
+		q.Queue(e.Guard).QueryRow(func(r pgx.Row) error { return r.Scan(&ok) })
 	}
-	defer srcTx.Rollback(context.Background()) //nolint:errcheck
-	if err := e.guard(ctx, srcTx); err != nil {
-		return res, err
-	}
-	if err := e.capture().Alive(ctx, srcTx); err != nil {
-		return res, err
-	}
-	rows, err := srcTx.Query(ctx, e.changesSQL(limit))
-	if err != nil {
+	q.Queue(e.capture().AliveSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&alive) })
+	q.Queue(backlogSQL(e.capture().ChangesTable())).QueryRow(func(r pgx.Row) error { return r.Scan(&res.Backlog) })
+	q.Queue(e.changesSQL(limit)).Query(func(rows pgx.Rows) (err error) { b, err = collectBatch(rows); return err })
+	if err := src.SendBatch(ctx, q).Close(); err != nil {
 		return res, fmt.Errorf("read captured changes: %w", err)
 	}
-	b, err := collectBatch(rows)
-	if err != nil || b.changes == 0 {
+	switch {
+	case !ok:
+		return res, ErrOvertaken
+	case !alive:
+		return res, capture.ErrLost
+	}
+	if b.changes == 0 {
+		_, err = src.Exec(ctx, "COMMIT")
+		res.Duration = time.Since(start)
 		return res, err
 	}
 	res.Changes = b.changes
@@ -170,81 +192,121 @@ func (e *Engine) Round(ctx context.Context, src, dst *pgx.Conn, limit int) (Roun
 	if err != nil {
 		return res, err
 	}
+	// Target: [begin, deletes, the applied count], the rows, [commit].
 	// synchronous_commit on: the source consumes the changes once the target
 	// has committed them, so that commit must survive a crash.
-	err = pgx.BeginTxFunc(ctx, dst, pgx.TxOptions{BeginQuery: "BEGIN; SET LOCAL synchronous_commit = on"}, func(dstTx pgx.Tx) error {
-		q := &pgx.Batch{}
-		if err := e.queueDeletes(q, b, tables); err != nil {
-			return err
-		}
-		q.Queue(e.bumpSQL())
-		if err := dstTx.SendBatch(ctx, q).Close(); err != nil {
-			return fmt.Errorf("delete changed keys in the target: %w", err)
-		}
-		res.Rows, err = e.copyRows(ctx, src.PgConn(), dstTx.Conn().PgConn(), b, tables)
-		return err
-	})
-	if err != nil {
+	q = &pgx.Batch{}
+	q.Queue("BEGIN")
+	q.Queue("SET LOCAL synchronous_commit = on")
+	if err := e.queueDeletes(q, b, tables); err != nil {
 		return res, err
 	}
-	e.applied.Add(1)
-	if _, err := srcTx.Exec(ctx, "DELETE FROM "+e.capture().ChangesTable()+" WHERE id <= $1", b.maxID); err != nil {
-		return res, fmt.Errorf("consume applied changes: %w", err)
+	q.Queue(e.bumpSQL())
+	if err := dst.SendBatch(ctx, q).Close(); err != nil {
+		return res, fmt.Errorf("delete changed keys in the target: %w", err)
 	}
-	if err := srcTx.Commit(ctx); err != nil {
+	if res.Rows, err = e.copyRows(ctx, src.PgConn(), dst.PgConn(), b, tables); err != nil {
+		return res, err
+	}
+	if _, err := dst.Exec(ctx, "COMMIT"); err != nil {
+		return res, fmt.Errorf("commit the round in the target: %w", err)
+	}
+	e.applied.Add(1)
+	// Source, one round trip: consume what the target committed. If this
+	// fails the changes are applied again by the next round (or the final
+	// sync): applying a key twice leaves the same row.
+	q = &pgx.Batch{}
+	q.Queue("DELETE FROM "+e.capture().ChangesTable()+" WHERE id <= $1", b.maxID)
+	q.Queue("COMMIT")
+	if err := src.SendBatch(ctx, q).Close(); err != nil {
 		return res, fmt.Errorf("consume applied changes: %w", err)
 	}
 	res.Duration = time.Since(start)
 	return res, nil
 }
 
+func backlogSQL(changes string) string {
+	return "SELECT coalesce(max(id) - min(id) + 1, 0) FROM " + changes
+}
+
 // Backlog is an upper bound of the number of captured changes not yet
 // applied (cheap: two index lookups).
 func (e *Engine) Backlog(ctx context.Context, src *pgx.Conn) (int64, error) {
 	var n int64
-	err := src.QueryRow(ctx, "SELECT coalesce(max(id) - min(id) + 1, 0) FROM "+e.capture().ChangesTable()).Scan(&n)
+	err := src.QueryRow(ctx, backlogSQL(e.capture().ChangesTable())).Scan(&n)
 	return n, err
 }
 
+// ErrCannotKeepUp is returned by CatchUp when the writers capture changes
+// faster than rounds of the largest size apply them, round after round.
+var ErrCannotKeepUp = errors.New("the incremental sync cannot keep up with the writes: the backlog of captured changes grows even with the largest rounds " +
+	"(is the link to a database slow or saturated, or the new database's disk?); " +
+	"RESET, and EXECUTE again when the write load is lower or the link is faster")
+
+// Batch sizes of CatchUp's rounds, and how many rounds of the largest size
+// may lose ground in a row before it gives up.
+const (
+	minRound        = 1000
+	firstRound      = 5000
+	maxRound        = 200000
+	losingRoundsMax = 20
+)
+
 // CatchUp runs rounds until the backlog is small: until a round has drained
-// everything it could see and took less than quick (or five rounds in a row
-// drained what they saw, however long they took: on a loaded machine a round
-// may never be quick, and the final sync has its own timeout). The batch
-// size adapts so that a round takes a few hundred milliseconds: big enough
-// to amortise the round trips, small enough to keep transactions short.
+// everything it could see and took less than quick (or three rounds in a
+// row drained what they saw, however long they took: on a loaded machine or
+// a slow link a round may never be quick, what it leaves is what arrives
+// while it runs, and the final sync has its own timeout).
+//
+// The batch size adapts. A full round that was quick, or after which the
+// backlog had grown, doubles it: the fixed cost of a round (its round trips,
+// 400 ms each over a link with 200 ms of latency) is paid fewer times per
+// change. A full round that took more than 5 s while the backlog shrank
+// halves it, to keep transactions short when that costs nothing. If the
+// backlog still grows after losingRoundsMax rounds of the largest size, the
+// writers outrun the sync and CatchUp returns ErrCannotKeepUp rather than
+// syncing for ever.
 func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Duration) error {
-	limit := 5000
-	drained := 0
+	limit := firstRound
+	drained, losing := 0, 0
+	var prev int64 = -1 // the previous round's backlog
 	e.progress().SetPhase(PhaseIncremental, 0, 0)
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		backlog, err := e.Backlog(ctx, src)
-		if err != nil {
-			return err
-		}
-		e.progress().rowsTotal.Store(e.progress().rowsDone.Load() + backlog)
 		res, err := e.Round(ctx, src, dst, limit)
 		if err != nil {
 			return err
 		}
+		e.progress().rowsTotal.Store(e.progress().rowsDone.Load() + res.Backlog)
 		e.progress().Add(int64(res.Changes), 0)
 		e.log().Debug("incremental round", "changes", res.Changes, "keys", res.Keys, "rows", res.Rows,
-			"duration", res.Duration, "backlog", backlog, "limit", limit)
-		if res.Changes < limit {
+			"duration", res.Duration, "backlog", res.Backlog, "limit", limit)
+		full := res.Changes >= limit
+		if !full {
 			drained++
-			if res.Duration < quick || drained >= 5 {
+			if res.Duration < quick || drained >= 3 {
 				return nil
 			}
 		} else {
 			drained = 0
 		}
+		grew := prev >= 0 && res.Backlog > prev
+		prev = res.Backlog
 		switch {
-		case res.Changes == limit && res.Duration < 250*time.Millisecond:
-			limit = min(limit*2, 200000)
-		case res.Duration > time.Second:
-			limit = max(limit/2, 500)
+		case full && grew && limit == maxRound:
+			if losing++; losing >= losingRoundsMax {
+				return fmt.Errorf("%w (%d changes behind after %d rounds of %d)", ErrCannotKeepUp, res.Backlog, losing, limit)
+			}
+		case full && (grew || res.Duration < 250*time.Millisecond):
+			limit = min(limit*2, maxRound)
+			losing = 0
+		case full && res.Duration > 5*time.Second:
+			limit = max(limit/2, minRound)
+			losing = 0
+		default:
+			losing = 0
 		}
 	}
 }

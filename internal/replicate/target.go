@@ -238,21 +238,6 @@ func (e *Engine) RefreshMatViews(ctx context.Context) error {
 	return nil
 }
 
-// RebuildIndexes restores the key constraints and indexes dropped by Prepare,
-// tables in parallel.
-func (e *Engine) RebuildIndexes(ctx context.Context) error {
-	conn, err := Connect(ctx, e.Dst)
-	if err != nil {
-		return err
-	}
-	recs, err := e.undoRecords(ctx, conn, undoConstraint, undoIndex)
-	conn.Close(context.Background())
-	if err != nil {
-		return fmt.Errorf("rebuild indexes: %w", err)
-	}
-	return e.restoreParallel(ctx, recs, PhaseRebuildIndexes)
-}
-
 // restoreParallel applies undo records, one table per worker at a time.
 func (e *Engine) restoreParallel(ctx context.Context, recs []undoRecord, what string) error {
 	byTable := map[string][]undoRecord{}
