@@ -646,9 +646,11 @@ func (lr *leaderRun) syncData(ctx context.Context) error {
 		{"initial copy", r.initialCopy},
 		{"incremental sync", r.catchUp},
 	} {
+		start := time.Now()
 		if err := step.fn(ctx); err != nil {
 			return fmt.Errorf("%s: %w", step.name, err)
 		}
+		lr.log.Debug("sync step done", "step", step.name, "took", time.Since(start))
 		lr.at(ctx, step.name)
 	}
 	lr.dst, err = replicate.Connect(ctx, r.eng.Dst) // opened now: the window should not wait for it

@@ -8,6 +8,7 @@ import (
 	"io"
 	"regexp"
 	"sort"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -163,6 +164,7 @@ func (e *Engine) loadWorker(ctx context.Context, snap string, q *loadQueue) erro
 		if !ok {
 			break
 		}
+		start := time.Now()
 		if j.unit != nil {
 			err = e.copyUnit(ctx, src, dst, *j.unit)
 		} else {
@@ -171,6 +173,7 @@ func (e *Engine) loadWorker(ctx context.Context, snap string, q *loadQueue) erro
 		if err != nil {
 			return err
 		}
+		e.log().Debug("load job done", "table", j.tbl, "copy", j.unit != nil, "records", len(j.recs), "took", time.Since(start))
 		q.done(j)
 	}
 	return src.PgConn().Exec(ctx, "COMMIT").Close()
