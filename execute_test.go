@@ -416,6 +416,20 @@ func executeUnderLoad(t *testing.T, tc *testCluster, workers int) *load {
 			t.Errorf("node %d after EXECUTE: state %s, routing %s", i, s.State, s.Routing)
 		}
 	}
+	// Every node's list of nodes (its status page) comes to show every node
+	// on the new database: it does not freeze at the switch.
+	for i, c := range tc.nodes {
+		waitFor(t, func() bool {
+			nodes := c.Status().Nodes
+			for _, ns := range nodes {
+				if ns.Routing != RoutingNext {
+					return false
+				}
+			}
+			return len(nodes) == len(tc.nodes)
+		})
+		t.Logf("node %d lists every node on the new database", i)
+	}
 	n := l.count.Load()
 	// Keep writing on the new database.
 	waitFor(t, func() bool { return l.count.Load() > n+100 && l.reached(tc, tc.next.Name) })

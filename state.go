@@ -2,6 +2,7 @@ package swo
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -356,6 +357,7 @@ func (n *node) followOnce(ctx context.Context, conn *pgx.Conn, listening *bool, 
 		_ = n.beat(ctx, conn, false)
 		_, _ = n.msgs.Append(ctx, conn, n.id, msglog.KindConfirm, n.currentRun(), nil, nil)
 		if routing == RoutingNext {
+			n.watchSwitch(ctx, conn)
 			n.finishAfterLeader(ctx, conn)
 		}
 		return errStopFollowing
@@ -571,10 +573,50 @@ func (n *node) beat(ctx context.Context, conn *pgx.Conn, force bool) error {
 	if err != nil {
 		return err
 	}
+	n.setNodes(list)
+	return nil
+}
+
+// setNodes replaces the node list that Status shows.
+func (n *node) setNodes(list []cluster.Node) {
 	n.viewMu.Lock()
 	n.view.Nodes = list
 	n.viewMu.Unlock()
-	return nil
+}
+
+// watchSwitch keeps the node list fresh after this node switched, until
+// every alive node says it routes to the new database (or twice the
+// liveness timeout has passed): the follow loop stops at the switch, and
+// without this the list would show the other nodes as they were at that
+// moment, some still on the old database.
+func (n *node) watchSwitch(ctx context.Context, conn *pgx.Conn) {
+	deadline := time.Now().Add(2 * n.timing.timeout)
+	for ctx.Err() == nil {
+		list, err := n.table.List(ctx, conn, n.timing.timeout)
+		if err != nil {
+			return
+		}
+		n.setNodes(list)
+		if allSwitched(list) || time.Now().After(deadline) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(n.timing.heartbeat):
+		}
+	}
+}
+
+// allSwitched reports whether every alive node of list says it routes to the
+// new database.
+func allSwitched(list []cluster.Node) bool {
+	for _, c := range list {
+		var r nodeReport
+		if c.Alive && (json.Unmarshal(c.Status, &r) != nil || r.Routing != RoutingNext) {
+			return false
+		}
+	}
+	return true
 }
 
 var errForeignNodes = errors.New("nodes of the same databases run in another namespace")

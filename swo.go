@@ -537,10 +537,12 @@ WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_n
 // leads the run (this one if it may execute): the copy, the sync, the window
 // and the switch. Execute returns nil once the new database is live on every
 // node, or an error saying what failed (the service then runs on the old
-// database: RESET and EXECUTE again). A failure keeps its identity whichever
-// node led: errors.Is(err, ErrPauseBudget) and errors.As(err,
-// *PreconditionError) work here. Cancelling ctx stops the waiting, not the
-// run; RESET cancels a run.
+// database: RESET and EXECUTE again), or, when the switch committed but not
+// every alive node was seen to confirm it, an error that errors.Is
+// ErrUnconfirmed (nothing to undo: check the nodes it names). A failure
+// keeps its identity whichever node led: errors.Is(err, ErrPauseBudget) and
+// errors.As(err, *PreconditionError) work here. Cancelling ctx stops the
+// waiting, not the run; RESET cancels a run.
 func (c *Connector) Execute(ctx context.Context) error {
 	return c.public(c.execute(ctx))
 }
@@ -623,6 +625,7 @@ func (c *Connector) awaitConfirmations(ctx context.Context, conn *pgx.Conn, run 
 		if err != nil {
 			return err
 		}
+		c.node.setNodes(nodes)
 		rows, err := conn.Query(ctx, "SELECT DISTINCT node FROM "+c.node.msgs.Table+" WHERE run = $1 AND kind = $2", run, msglog.KindConfirm)
 		if err != nil {
 			return err
