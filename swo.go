@@ -771,16 +771,25 @@ type Timings struct {
 
 // Progress is the progress of a run's current phase. Totals are estimates
 // (0 when unknown).
+//
+// What RowsDone and RowsTotal count depends on the phase: rows in
+// PhaseInitialCopy (the total from the planner's estimates), captured
+// changes in PhaseIncremental (the total is the backlog seen by the last
+// round, so it moves), indexes and key constraints in PhaseRebuildIndexes
+// (the phase starts when the copy ends, counting as done those rebuilt
+// beside the copy), materialized views in PhaseRefreshMatViews, and foreign keys in
+// PhaseValidating. The other phases count nothing. Bytes are counted in
+// PhaseInitialCopy only.
 type Progress struct {
 	Phase      Phase   `json:"phase"`
-	Table      string  `json:"table,omitempty"`
+	Table      string  `json:"table,omitempty"` // the table being worked on, schema.name
 	RowsDone   int64   `json:"rows_done"`
 	RowsTotal  int64   `json:"rows_total"`
 	BytesDone  int64   `json:"bytes_done"`
 	BytesTotal int64   `json:"bytes_total"`
-	RowsPerSec float64 `json:"rows_per_sec"`
-	ElapsedMS  int64   `json:"elapsed_ms"`
-	ETAMS      int64   `json:"eta_ms"` // 0 when unknown
+	RowsPerSec float64 `json:"rows_per_sec"` // RowsDone per second of the phase
+	ElapsedMS  int64   `json:"elapsed_ms"`   // since the phase started
+	ETAMS      int64   `json:"eta_ms"`       // 0 when unknown
 }
 
 func progressOf(s replicate.Snapshot) Progress {

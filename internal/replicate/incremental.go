@@ -267,14 +267,14 @@ const (
 // writers outrun the sync and CatchUp returns ErrCannotKeepUp rather than
 // syncing for ever.
 func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Duration) error {
-	limit := firstRound
-	drained, losing := 0, 0
-	var prev int64 = -1 // the previous round's backlog
+	size := newRoundSizer()
+	drained := 0
 	e.progress().SetPhase(PhaseIncremental, 0, 0)
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		limit := size.limit
 		res, err := e.Round(ctx, src, dst, limit)
 		if err != nil {
 			return err
@@ -283,8 +283,7 @@ func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Dur
 		e.progress().Add(int64(res.Changes), 0)
 		e.log().Debug("incremental round", "changes", res.Changes, "keys", res.Keys, "rows", res.Rows,
 			"duration", res.Duration, "backlog", res.Backlog, "limit", limit)
-		full := res.Changes >= limit
-		if !full {
+		if res.Changes < limit {
 			drained++
 			if res.Duration < quick || drained >= 3 {
 				return nil
@@ -292,23 +291,40 @@ func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Dur
 		} else {
 			drained = 0
 		}
-		grew := prev >= 0 && res.Backlog > prev
-		prev = res.Backlog
-		switch {
-		case full && grew && limit == maxRound:
-			if losing++; losing >= losingRoundsMax {
-				return fmt.Errorf("%w (%d changes behind after %d rounds of %d)", ErrCannotKeepUp, res.Backlog, losing, limit)
-			}
-		case full && (grew || res.Duration < 250*time.Millisecond):
-			limit = min(limit*2, maxRound)
-			losing = 0
-		case full && res.Duration > 5*time.Second:
-			limit = max(limit/2, minRound)
-			losing = 0
-		default:
-			losing = 0
+		if err := size.next(res); err != nil {
+			return err
 		}
 	}
+}
+
+// roundSizer adapts the size of CatchUp's rounds (see CatchUp).
+type roundSizer struct {
+	limit  int
+	losing int   // full rounds of the largest size in a row after which the backlog had grown
+	prev   int64 // the previous round's backlog; -1 before the first
+}
+
+func newRoundSizer() *roundSizer { return &roundSizer{limit: firstRound, prev: -1} }
+
+// next takes the result of a round of size s.limit and sets the size of
+// the next one, or returns ErrCannotKeepUp.
+func (s *roundSizer) next(res RoundResult) error {
+	full := res.Changes >= s.limit
+	grew := s.prev >= 0 && res.Backlog > s.prev
+	s.prev = res.Backlog
+	switch {
+	case full && grew && s.limit == maxRound:
+		if s.losing++; s.losing >= losingRoundsMax {
+			return fmt.Errorf("%w (%d changes behind after %d rounds of %d)", ErrCannotKeepUp, res.Backlog, s.losing, s.limit)
+		}
+		return nil
+	case full && (grew || res.Duration < 250*time.Millisecond):
+		s.limit = min(s.limit*2, maxRound)
+	case full && res.Duration > 5*time.Second:
+		s.limit = max(s.limit/2, minRound)
+	}
+	s.losing = 0
+	return nil
 }
 
 // FinalResult describes the final sync.

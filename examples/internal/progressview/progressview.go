@@ -71,6 +71,10 @@ func Text(p *swo.Progress, bar bool) string {
 		unit = "indexes and keys"
 	case swo.PhaseRefreshMatViews:
 		unit = "views"
+	case swo.PhaseValidating:
+		unit = "foreign keys"
+	case swo.PhaseIncremental:
+		unit = "changes"
 	}
 	switch {
 	case p.RowsTotal > 0:
@@ -85,8 +89,8 @@ func Text(p *swo.Progress, bar bool) string {
 	case p.RowsDone > 0:
 		parts = append(parts, Count(p.RowsDone)+" "+unit)
 	}
-	if p.RowsPerSec > 0 && unit == "rows" {
-		parts = append(parts, Count(int64(p.RowsPerSec))+" rows/s")
+	if p.RowsPerSec > 0 && (unit == "rows" || unit == "changes") {
+		parts = append(parts, Count(int64(p.RowsPerSec))+" "+unit+"/s")
 	}
 	if p.ETAMS > 0 {
 		eta := time.Duration(p.ETAMS) * time.Millisecond

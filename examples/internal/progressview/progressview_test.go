@@ -15,7 +15,7 @@ func TestProgressDisplay(t *testing.T) {
 	if got, want := Text(p, true), "initial copy | public.orders | [#####...............] 50,000/200,000 rows (25%) | 12,345 rows/s | ETA 12s"; got != want {
 		t.Errorf("bar:\n got %q\nwant %q", got, want)
 	}
-	if got, want := Text(&swo.Progress{Phase: swo.PhaseIncremental, RowsDone: 1234567}, false), "incremental sync | 1,234,567 rows"; got != want {
+	if got, want := Text(&swo.Progress{Phase: swo.PhaseIncremental, RowsDone: 1234567}, false), "incremental sync | 1,234,567 changes"; got != want {
 		t.Errorf("plain: got %q, want %q", got, want)
 	}
 
