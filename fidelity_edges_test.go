@@ -320,3 +320,80 @@ UPDATE tree SET path = 'top.moved' || path WHERE n <= 3;`)
 	}
 	pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
 }
+
+// TestPartitionsPremadeDuringTheRunMove: a partition-premaking job creates
+// next month's partition in the old database while the data moves. An
+// empty new partition is created in the new database with the switch (or
+// left as it is if the job made the same one there), and the old database
+// refuses writes into it afterwards; one that took rows fails the run
+// safely, naming it, and the next RESET moves it; one that differs in the
+// new database fails the run, naming both.
+func TestPartitionsPremadeDuringTheRunMove(t *testing.T) {
+	const ddl = `CREATE TABLE m (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10);
+CREATE TABLE sub (id int, k int, PRIMARY KEY (id, k)) PARTITION BY LIST (id);
+CREATE TABLE sub_a PARTITION OF sub FOR VALUES IN (1, 2) PARTITION BY RANGE (k);
+CREATE TABLE sub_a0 PARTITION OF sub_a FOR VALUES FROM (0) TO (10);`
+	const seed = "INSERT INTO m SELECT i, i % 10, 'v' || i FROM generate_series(1, 50) i; INSERT INTO sub VALUES (1, 1);"
+	const premake = `CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20);
+CREATE TABLE "Sub A 1" PARTITION OF sub_a FOR VALUES FROM (10) TO (20);`
+
+	t.Run("empty", func(t *testing.T) {
+		old, next := fidelityPair(t, ddl, seed)
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+		atPhase(c, "incremental sync", func(ctx context.Context) { pgtest.Exec(t, old.URL, premake) })
+		if err := switchover(t, c); err != nil {
+			t.Fatalf("RESET + EXECUTE: %v", err)
+		}
+		pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+		var bounds string
+		if err := pgtest.Connect(t, next.URL).QueryRow(testCtx(t), `SELECT string_agg(c.relname || ' ' || i.inhparent::regclass::text || ' ' || pg_get_expr(c.relpartbound, c.oid), '; ' ORDER BY c.relname)
+FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid WHERE c.relname IN ('m2', 'Sub A 1')`).Scan(&bounds); err != nil {
+			t.Fatal(err)
+		}
+		if want := "Sub A 1 sub_a FOR VALUES FROM (10) TO (20); m2 m FOR VALUES FROM (10) TO (20)"; bounds != want {
+			t.Fatalf("new partitions in the new database: %q, want %q", bounds, want)
+		}
+		pgtest.Exec(t, next.URL, "INSERT INTO m VALUES (100, 15, 'next month'); INSERT INTO sub VALUES (2, 15)")
+		oc := pgtest.Connect(t, old.URL)
+		for _, w := range []string{"INSERT INTO m VALUES (101, 15, 'late')", "INSERT INTO sub VALUES (2, 16)"} {
+			if _, err := oc.Exec(testCtx(t), w); err == nil || !strings.Contains(err.Error(), "obsolete") {
+				t.Errorf("the obsolete database accepted %q: %v", w, err)
+			}
+		}
+	})
+
+	t.Run("premade in both", func(t *testing.T) {
+		old, next := fidelityPair(t, ddl, seed)
+		pgtest.Exec(t, next.URL, premake)
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+		atPhase(c, "incremental sync", func(ctx context.Context) { pgtest.Exec(t, old.URL, premake) })
+		if err := switchover(t, c); err != nil {
+			t.Fatalf("RESET + EXECUTE: %v", err)
+		}
+		pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+	})
+
+	t.Run("different in the new database", func(t *testing.T) {
+		old, next := fidelityPair(t, ddl, seed)
+		pgtest.Exec(t, next.URL, "CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (30)")
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+		atPhase(c, "incremental sync", func(ctx context.Context) { pgtest.Exec(t, old.URL, premake) })
+		expectRunFailed(t, c, "public.m2", "FOR VALUES FROM (10) TO (20)", "FOR VALUES FROM (10) TO (30)")
+	})
+
+	t.Run("with rows", func(t *testing.T) {
+		old, next := fidelityPair(t, ddl, seed)
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+		atPhase(c, "incremental sync", func(ctx context.Context) {
+			pgtest.Exec(t, old.URL, premake+"INSERT INTO m VALUES (7, 17, 'early')")
+		})
+		expectRunFailed(t, c, "changed during the run", "public.m2", "hold rows")
+		c.leader.testHook = nil
+		pgtest.Exec(t, next.URL, "CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20); CREATE TABLE \"Sub A 1\" PARTITION OF sub_a FOR VALUES FROM (10) TO (20)") // the migration
+		if err := switchover(t, c); err != nil {
+			t.Fatalf("RESET + EXECUTE after the failure: %v", err)
+		}
+		pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+	})
+}

@@ -405,13 +405,23 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	if !intact {
 		return res, fmt.Errorf("%w: a capture trigger was dropped or disabled", ErrSchemaChanged)
 	}
+	var newParts []uint32
 	if e.ShapeSQL != "" {
-		if changed := e.Shape.Changed(shape); changed != "" {
+		parents := map[uint32]bool{}
+		for _, p := range e.Source.Partitioned {
+			parents[p.OID] = true
+		}
+		var changed string
+		if newParts, changed = e.Shape.NewPartitions(shape, parents); changed != "" {
 			return res, fmt.Errorf("%w: %s", ErrSchemaChanged, changed)
 		}
 	}
 	if len(refused) > 0 {
 		return res, fmt.Errorf("%w: %s", ErrRefusedAppeared, strings.Join(refused, ", "))
+	}
+	parts, err := e.lockNewPartitions(ctx, srcTx, newParts)
+	if err != nil {
+		return res, err
 	}
 	res.seqs = seqs
 	res.Changes, res.Sequences = b.changes, len(seqs.index)
@@ -439,6 +449,17 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	}
 	q.Queue("SELECT id, tbl, kind, name, restore FROM "+e.q("target_undo")+" WHERE kind = ANY($1) ORDER BY id", []string{undoFK, undoTrigger}).
 		Query(func(rows pgx.Rows) (err error) { recs, err = collectUndo(rows); return err })
+	for i := range parts {
+		q.Queue(targetPartitionSQL, parts[i].name).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				parts[i].exists = true
+				if err := rows.Scan(&parts[i].targetParent, &parts[i].targetBound); err != nil {
+					return err
+				}
+			}
+			return rows.Err()
+		})
+	}
 	if err := dst.SendBatch(ctx, q).Close(); err != nil {
 		return res, fmt.Errorf("final sync: %w", err)
 	}
@@ -455,6 +476,9 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 			names[i] = e.Source.Sequences[j].QName()
 		}
 		q.Queue(setSequencesSQL, names, seqs.values, seqs.called)
+	}
+	if err := queueNewPartitions(q, parts); err != nil {
+		return res, fmt.Errorf("final sync: %w", err)
 	}
 	e.queueFinish(q, recs)
 	q.Queue("COMMIT")

@@ -3,6 +3,7 @@ package schema
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -56,6 +57,8 @@ SELECT 'table', n.nspname::text, c.relname::text, '', '',
 			' ' || a.atthasmissing::text || coalesce(a.attmissingval::text, '') ||
 			coalesce((SELECT ' = ' || d.adbin::text FROM pg_catalog.pg_attrdef d WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum AND a.attgenerated <> ''), ''),
 			';' ORDER BY a.attnum) FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0), '')
+	WHEN c.relispartition THEN
+		' partition of ' || (SELECT i.inhparent::text FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid)
 	ELSE '' END
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
@@ -119,6 +122,28 @@ func (s Shape) Changed(now Shape) string {
 	return abbreviateList(s.diff(now), 10)
 }
 
+// NewPartitions splits what changed from s to now: the tables created since
+// s that are plain partitions (not partitioned themselves) of one of the
+// parents (by oid) are returned (their oids), and Changed is applied to the
+// rest. A partition-premaking job creates such tables, empty, ahead of the
+// rows that will go into them; the final sync can move them (see
+// replicate.Engine.Final).
+func (s Shape) NewPartitions(now Shape, parents map[uint32]bool) (oids []uint32, changed string) {
+	rest := Shape{}
+	for k, v := range now {
+		if _, old := s[k]; !old && strings.HasPrefix(k, "table ") {
+			var oid, parent uint32
+			var kind string
+			if n, _ := fmt.Sscanf(v, "%d %s partition of %d", &oid, &kind, &parent); n == 3 && kind == "r" && parents[parent] {
+				oids = append(oids, oid)
+				continue
+			}
+		}
+		rest[k] = v
+	}
+	slices.Sort(oids)
+	return oids, s.Changed(rest)
+}
 func (s Shape) diff(now Shape) []string {
 	var out []string
 	for k, v := range s {
