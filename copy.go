@@ -291,13 +291,15 @@ func (r *syncRun) catchUp(ctx context.Context) error {
 }
 
 // openSessions opens the incremental sync's sessions, or reopens them if
-// one broke (a failed round may have left it unusable).
+// one broke: a failed round may have left it unusable, and the server may
+// have ended it while it was idle (a restart, an idle-connection reaper, a
+// proxy's reset), which only a round trip shows.
 func (r *syncRun) openSessions(ctx context.Context) error {
 	for _, s := range []struct {
 		conn **pgx.Conn
 		cfg  *pgx.ConnConfig
 	}{{&r.incSrc, r.eng.Src}, {&r.incDst, r.eng.Dst}} {
-		if *s.conn != nil && !(*s.conn).IsClosed() && (*s.conn).PgConn().TxStatus() == 'I' {
+		if c := *s.conn; c != nil && !c.IsClosed() && c.PgConn().TxStatus() == 'I' && c.Ping(ctx) == nil {
 			continue
 		}
 		if *s.conn != nil {

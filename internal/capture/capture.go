@@ -51,6 +51,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -134,14 +135,22 @@ END $f$;`, c.q("changes"), c.q("capture_alive"), c.q("capture_truncate")))
 			return fmt.Errorf("install change capture on %s: %w", t, err)
 		}
 	}
+	var version int
+	if err := conn.QueryRow(ctx, "SELECT pg_catalog.current_setting('server_version_num')::int").Scan(&version); err != nil {
+		return err
+	}
 	if _, err := conn.Exec(ctx, c.sealFunction()); err != nil {
 		return fmt.Errorf("create the partitions' seal: %w", err)
 	}
+	sealed := map[string]bool{}
 	for _, t := range parents {
-		if t.Partition {
-			continue // a partition of a partitioned table: its parent's trigger is cloned to it
+		sealed[t.String()] = true
+	}
+	for _, t := range parents {
+		if slices.ContainsFunc(t.Parents, func(p string) bool { return sealed[p] }) {
+			continue // its parent's trigger is cloned to it
 		}
-		if err := withLockRetry(ctx, conn, t, opts, deadline, c.sealDDL(t)); err != nil {
+		if err := withLockRetry(ctx, conn, t, opts, deadline, c.sealDDL(t, version)); err != nil {
 			return fmt.Errorf("install change capture on %s: %w", t, err)
 		}
 	}
@@ -173,10 +182,18 @@ END $f$`, c.q("seal"))
 // so that the switch itself (one CREATE OR REPLACE FUNCTION, no lock on the
 // tables) turns it on: there is no moment after the commit when such a write
 // is accepted, and nothing is left to do if the leader dies right after it.
-func (c Capture) sealDDL(t *schema.Table) string {
+//
+// It fires BEFORE the row is written, so that COPY and INSERT lose no more
+// than they must; before PostgreSQL 13 a partitioned table takes only AFTER
+// row triggers, which refuse the write as well (the statement fails).
+func (c Capture) sealDDL(t *schema.Table, serverVersion int) string {
+	when := "BEFORE"
+	if serverVersion < 130000 {
+		when = "AFTER"
+	}
 	name := pgx.Identifier{c.sealName()}.Sanitize()
-	return fmt.Sprintf("DROP TRIGGER IF EXISTS %[1]s ON %[2]s; CREATE TRIGGER %[1]s BEFORE INSERT OR UPDATE OR DELETE ON %[2]s FOR EACH ROW EXECUTE FUNCTION %[3]s(); ALTER TABLE %[2]s ENABLE ALWAYS TRIGGER %[1]s",
-		name, t.QName(), c.q("seal"))
+	return fmt.Sprintf("DROP TRIGGER IF EXISTS %[1]s ON %[2]s; CREATE TRIGGER %[1]s %[4]s INSERT OR UPDATE OR DELETE ON %[2]s FOR EACH ROW EXECUTE FUNCTION %[3]s(); ALTER TABLE %[2]s ENABLE ALWAYS TRIGGER %[1]s",
+		name, t.QName(), c.q("seal"), when)
 }
 
 // tableDDL is the trigger function and triggers for one table.
@@ -279,7 +296,11 @@ func (c Capture) Remove(ctx context.Context, conn *pgx.Conn, opts Options) error
 SELECT tg.tgrelid, n.nspname, cl.relname, tg.tgname
 FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
 JOIN pg_class cl ON cl.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = cl.relnamespace
-WHERE pn.nspname = $1 AND (tg.tgname IN ($2, $3) OR tg.tgname = $4 AND NOT cl.relispartition)
+WHERE pn.nspname = $1 AND (tg.tgname IN ($2, $3) OR tg.tgname = $4 AND NOT EXISTS (
+	-- a seal cloned from its parent's goes with it (a table that got a
+	-- parent during the run keeps one of its own)
+	SELECT 1 FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_trigger pt ON pt.tgrelid = i.inhparent AND pt.tgname = tg.tgname
+	WHERE i.inhrelid = tg.tgrelid))
 ORDER BY tg.tgrelid`, c.Schema, c.triggerName(), c.truncateName(), c.sealName())
 	if err != nil {
 		return fmt.Errorf("list capture triggers: %w", err)

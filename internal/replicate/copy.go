@@ -8,6 +8,8 @@ import (
 	"io"
 	"regexp"
 	"sort"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -108,20 +110,34 @@ func (e *Engine) InitialCopy(ctx context.Context) error {
 	units := e.plan()
 	q := newLoadQueue(units, recs, e.progress())
 	g, gctx := errgroup.WithContext(ctx)
-	for i := 0; i < min(e.workers(), len(units)+len(recs)); i++ {
-		g.Go(func() error { return e.loadWorker(gctx, snap, q) })
+	// The exporting transaction ends as soon as every worker has imported
+	// its snapshot (an imported snapshot outlives its exporter), and each
+	// worker's once no copy unit is left: none of them holds back vacuum
+	// on the old database while indexes are built.
+	workers := min(e.workers(), len(units)+len(recs))
+	var imported sync.WaitGroup
+	imported.Add(workers)
+	for range workers {
+		g.Go(func() error { return e.loadWorker(gctx, snap, q, imported.Done) })
 	}
+	g.Go(func() error {
+		imported.Wait()
+		if gctx.Err() != nil {
+			return nil // a worker failed: the group reports it
+		}
+		if err := e.guard(gctx, tx); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(gctx, "DELETE FROM "+e.capture().ChangesTable()); err != nil {
+			return err
+		}
+		return tx.Commit(gctx)
+	})
 	go func() { <-gctx.Done(); q.stop() }() // wakes the idle workers when one fails
 	if err := g.Wait(); err != nil {
 		return fmt.Errorf("initial copy: %w", err)
 	}
-	if err := e.guard(ctx, tx); err != nil {
-		return err
-	}
-	if _, err := tx.Exec(ctx, "DELETE FROM "+e.capture().ChangesTable()); err != nil {
-		return err
-	}
-	return tx.Commit(ctx)
+	return e.guard(ctx, coord) // overtaken meanwhile: say so now
 }
 
 // indexRecords reads the keys and indexes Prepare dropped.
@@ -135,8 +151,11 @@ func (e *Engine) indexRecords(ctx context.Context) ([]undoRecord, error) {
 }
 
 // loadWorker takes jobs from q until none is left: copy units, in its
-// transaction of the exported snapshot, and index rebuilds.
-func (e *Engine) loadWorker(ctx context.Context, snap string, q *loadQueue) error {
+// transaction of the exported snapshot, and index rebuilds. It calls
+// imported once, when its transaction has the snapshot or it failed first.
+func (e *Engine) loadWorker(ctx context.Context, snap string, q *loadQueue, imported func()) error {
+	var once sync.Once
+	defer once.Do(imported)
 	src, err := Connect(ctx, e.Src)
 	if err != nil {
 		return err
@@ -159,6 +178,8 @@ func (e *Engine) loadWorker(ctx context.Context, snap string, q *loadQueue) erro
 	if err := src.PgConn().Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '"+snap+"'").Close(); err != nil {
 		return fmt.Errorf("import snapshot: %w", err)
 	}
+	once.Do(imported)
+	inSnapshot := true
 	for {
 		j, ok := q.next()
 		if !ok {
@@ -168,6 +189,13 @@ func (e *Engine) loadWorker(ctx context.Context, snap string, q *loadQueue) erro
 		if j.unit != nil {
 			err = e.copyUnit(ctx, src, dst, *j.unit)
 		} else {
+			if inSnapshot && q.copied() {
+				if err := src.PgConn().Exec(ctx, "COMMIT").Close(); err != nil {
+					return err
+				}
+				inSnapshot = false
+			}
+			e.progress().SetTable(strings.ReplaceAll(j.tbl, `"`, ""))
 			err = e.rebuild(ctx, dst, j.recs)
 		}
 		if err != nil {
@@ -175,6 +203,9 @@ func (e *Engine) loadWorker(ctx context.Context, snap string, q *loadQueue) erro
 		}
 		e.log().Debug("load job done", "table", j.tbl, "copy", j.unit != nil, "records", len(j.recs), "took", time.Since(start))
 		q.done(j)
+	}
+	if !inSnapshot {
+		return nil
 	}
 	return src.PgConn().Exec(ctx, "COMMIT").Close()
 }

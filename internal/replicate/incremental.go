@@ -263,12 +263,13 @@ const (
 // 400 ms each over a link with 200 ms of latency) is paid fewer times per
 // change. A full round that took more than 5 s while the backlog shrank
 // halves it, to keep transactions short when that costs nothing. If the
-// backlog still grows after losingRoundsMax rounds of the largest size, the
-// writers outrun the sync and CatchUp returns ErrCannotKeepUp rather than
-// syncing for ever.
+// backlog still grows after losingRoundsMax rounds of the largest size (and
+// an exact count confirms it), the writers outrun the sync and CatchUp
+// returns ErrCannotKeepUp rather than syncing for ever.
 func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Duration) error {
 	size := newRoundSizer()
 	drained := 0
+	var streakStart int64 // the exact backlog when the losing streak started
 	e.progress().SetPhase(PhaseIncremental, 0, 0)
 	for {
 		if err := ctx.Err(); err != nil {
@@ -292,9 +293,28 @@ func (e *Engine) CatchUp(ctx context.Context, src, dst *pgx.Conn, quick time.Dur
 			drained = 0
 		}
 		if err := size.next(res); err != nil {
-			return err
+			// The backlog is measured as a range of change ids, which also
+			// counts ids of rolled-back writes: count exactly before giving up.
+			n, cerr := e.exactBacklog(ctx, src)
+			if cerr != nil || n > streakStart {
+				return err
+			}
+			size.losing = 0
+		}
+		if size.losing == 1 {
+			if streakStart, err = e.exactBacklog(ctx, src); err != nil {
+				return err
+			}
 		}
 	}
+}
+
+// exactBacklog counts the captured changes not yet applied (a scan of the
+// change table: CatchUp runs it only to confirm that it is losing ground).
+func (e *Engine) exactBacklog(ctx context.Context, src *pgx.Conn) (int64, error) {
+	var n int64
+	err := src.QueryRow(ctx, "SELECT count(*) FROM "+e.capture().ChangesTable()).Scan(&n)
+	return n, err
 }
 
 // roundSizer adapts the size of CatchUp's rounds (see CatchUp).

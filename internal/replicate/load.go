@@ -130,6 +130,13 @@ func (q *loadQueue) done(j loadJob) {
 	q.release()
 }
 
+// copied reports whether every copy unit has been handed out.
+func (q *loadQueue) copied() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.units) == 0
+}
+
 // stop makes next return false to every worker (one failed).
 func (q *loadQueue) stop() {
 	q.mu.Lock()
