@@ -690,6 +690,11 @@ func (lr *leaderRun) announce(ctx context.Context) error {
 	if err := lr.sync.catchUp(ctx); err != nil {
 		return fmt.Errorf("incremental sync: %w", err)
 	}
+	// Partitions a premaking job created during the run: the final sync
+	// locks them first (see replicate.Engine.FindPremade).
+	if err := lr.sync.eng.FindPremade(ctx, lr.sync.incSrc); err != nil {
+		return fmt.Errorf("incremental sync: %w", err)
+	}
 	return nil
 }
 
@@ -760,7 +765,11 @@ func (lr *leaderRun) commit(ctx context.Context, pauseStart time.Time) (replicat
 	res, err := lr.sync.eng.Final(ctx, tx, lr.dst)
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
-		return res, fmt.Errorf("%w (Config.PauseBudget %v): the final sync could not lock the change table: %s", ErrPauseBudget, budget, lr.changeTableBlockers())
+		what := "the change table"
+		if lr.sync.eng.Premade() > 0 {
+			what += " or a partition created during the run"
+		}
+		return res, fmt.Errorf("%w (Config.PauseBudget %v): the final sync could not lock %s: %s", ErrPauseBudget, budget, what, lr.changeTableBlockers())
 	}
 	if err != nil {
 		return res, err

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 
@@ -382,6 +383,108 @@ FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid WHERE c.relname IN ('m2
 		expectRunFailed(t, c, "public.m2", "FOR VALUES FROM (10) TO (20)", "FOR VALUES FROM (10) TO (30)")
 	})
 
+	t.Run("with a definition of its own", func(t *testing.T) {
+		// Found by review: the new database got a bare partition, and then
+		// accepted rows the old one's own index and CHECK refused.
+		old, next := fidelityPair(t, ddl, seed)
+		pgtest.Exec(t, old.AdminURL(), "DO $$BEGIN CREATE ROLE premade_reader; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END$$")
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+		atPhase(c, "incremental sync", func(ctx context.Context) {
+			pgtest.Exec(t, old.URL, `CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20);
+CREATE UNIQUE INDEX m2_v ON m2 (v); ALTER TABLE m2 ADD CONSTRAINT m2_v_check CHECK (v <> ''); GRANT SELECT ON m2 TO premade_reader`)
+		})
+		expectRunFailed(t, c, "public.m2 (its own grants, constraints, indexes)", "create them in the new database too")
+	})
+
+	t.Run("a writer wrote and emptied it", func(t *testing.T) {
+		// Found by review: the final sync locked the new partition after the
+		// change table, and deadlocked with a writer that had written it and
+		// then wrote a captured table. It locks it first now.
+		old, next := fidelityPair(t, ddl, seed)
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+		atPhase(c, "incremental sync", func(ctx context.Context) {
+			pgtest.Exec(t, old.URL, "CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20)")
+		})
+		w := pgtest.Connect(t, old.URL) // bypasses the connector
+		waiting := lockWaiters(t, old)
+		done := make(chan error, 1)
+		atPhaseToo(c, "locked", func(ctx context.Context) {
+			if _, err := w.Exec(ctx, "BEGIN; INSERT INTO m VALUES (9, 15, 'tmp'); DELETE FROM m WHERE id = 9 AND k = 15"); err != nil {
+				t.Error(err)
+			}
+			go func() {
+				// Once the final sync waits for the writer's lock on m2, the
+				// writer writes a captured table and commits.
+				waitFor(t, func() bool { return waiting("m2") > 0 })
+				_, err := w.Exec(context.Background(), "INSERT INTO m VALUES (8, 3, 'captured'); COMMIT")
+				done <- err
+			}()
+		})
+		if err := switchover(t, c); err != nil {
+			t.Fatalf("RESET + EXECUTE: %v", err)
+		}
+		if err := <-done; err != nil {
+			t.Fatalf("the writer: %v", err)
+		}
+		pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+	})
+
+	t.Run("a writer idles on it", func(t *testing.T) {
+		// Found by review: the new partition's lock waited FinalTimeout, not
+		// the pause budget.
+		old, next := fidelityPair(t, ddl, seed)
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL, PauseBudget: time.Second})
+		atPhase(c, "incremental sync", func(ctx context.Context) {
+			pgtest.Exec(t, old.URL, "CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20)")
+		})
+		w := pgtest.Connect(t, old.URL)
+		atPhaseToo(c, "locked", func(ctx context.Context) {
+			if _, err := w.Exec(ctx, "BEGIN; DELETE FROM m2"); err != nil {
+				t.Error(err)
+			}
+		})
+		err := switchover(t, c)
+		if !errors.Is(err, ErrPauseBudget) {
+			t.Fatalf("RESET + EXECUTE: %v, want ErrPauseBudget", err)
+		}
+		if s := c.Status(); s.Timings.PauseMS > 5000 {
+			t.Errorf("the pause lasted %d ms with a budget of 1 s", s.Timings.PauseMS)
+		}
+	})
+
+	t.Run("created as the pause holds", func(t *testing.T) {
+		// Found by review: a partition created after the final sync read the
+		// shape, and a row inserted through the parent into it, committed in
+		// the old database and were left behind. Now the moved partitioned
+		// tables are locked until the switch commits; the premaking job then
+		// creates its partition, and its write meets the seal.
+		old, next := fidelityPair(t, ddl, seed)
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+		job := pgtest.Connect(t, old.URL) // bypasses the connector
+		waiting := lockWaiters(t, old)
+		created, inserted := make(chan error, 1), make(chan error, 1)
+		atPhase(c, "final", func(ctx context.Context) {
+			go func() {
+				_, err := job.Exec(context.Background(), "CREATE TABLE m3 PARTITION OF m FOR VALUES FROM (20) TO (30)")
+				created <- err
+				_, err = job.Exec(context.Background(), "INSERT INTO m VALUES (7, 27, 'acknowledged?')")
+				inserted <- err
+			}()
+			waitFor(t, func() bool { return waiting("m") > 0 }) // the job waits for the switch
+		})
+		if err := switchover(t, c); err != nil {
+			t.Fatalf("RESET + EXECUTE: %v", err)
+		}
+		if err := <-created; err != nil {
+			t.Fatalf("the premaking job, after the switch: %v", err)
+		}
+		if err := <-inserted; err == nil || !strings.Contains(err.Error(), "obsolete") {
+			t.Fatalf("a write into a partition created as the pause held was not refused by the obsolete database: %v", err)
+		}
+		pgtest.Exec(t, old.URL, "DROP TABLE m3") // created after the switch, in the obsolete database only
+		pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+	})
+
 	t.Run("with rows", func(t *testing.T) {
 		old, next := fidelityPair(t, ddl, seed)
 		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
@@ -396,4 +499,18 @@ FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid WHERE c.relname IN ('m2
 		}
 		pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
 	})
+}
+
+// lockWaiters returns a function counting the sessions of d waiting for a
+// lock on a table of the public schema.
+func lockWaiters(t *testing.T, d *pgtest.Database) func(table string) int {
+	t.Helper()
+	conn := pgtest.Connect(t, d.AdminURL())
+	return func(table string) int {
+		var n int
+		if err := conn.QueryRow(testCtx(t), "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = to_regclass($1)", "public."+table).Scan(&n); err != nil {
+			t.Error(err)
+		}
+		return n
+	}
 }

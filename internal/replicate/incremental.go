@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -400,10 +401,14 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	if e.LockBudget > 0 {
 		q.Queue(fmt.Sprintf("SET LOCAL lock_timeout = %d", max(e.LockBudget.Milliseconds(), 1)))
 	}
+	e.queueLockPremade(q)
 	q.Queue("LOCK TABLE " + e.capture().ChangesTable() + " IN ACCESS EXCLUSIVE MODE")
+	e.queueLockParents(q)
 	if e.LockBudget > 0 { // back to the final sync's bound
 		q.Queue(fmt.Sprintf("SET LOCAL lock_timeout = %d", timeout.Milliseconds()))
 	}
+	var premadeFailed []string
+	e.queueCheckPremade(q, &premadeFailed)
 	q.Queue(e.capture().AliveSQL()).QueryRow(func(r pgx.Row) error { return r.Scan(&alive) })
 	q.Queue(e.capture().IntactSQL(e.Source.Tables)).QueryRow(func(r pgx.Row) error { return r.Scan(&intact) })
 	if e.ShapeSQL != "" {
@@ -425,24 +430,19 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	if !intact {
 		return res, fmt.Errorf("%w: a capture trigger was dropped or disabled", ErrSchemaChanged)
 	}
-	var newParts []uint32
 	if e.ShapeSQL != "" {
-		parents := map[uint32]bool{}
-		for _, p := range e.Source.Partitioned {
-			parents[p.OID] = true
-		}
-		var changed string
-		if newParts, changed = e.Shape.NewPartitions(shape, parents); changed != "" {
+		newParts, changed := e.Shape.NewPartitions(shape, e.partitionedOIDs())
+		if changed != "" {
 			return res, fmt.Errorf("%w: %s", ErrSchemaChanged, changed)
+		}
+		if err := e.checkPremade(newParts, premadeFailed); err != nil {
+			return res, err
 		}
 	}
 	if len(refused) > 0 {
 		return res, fmt.Errorf("%w: %s", ErrRefusedAppeared, strings.Join(refused, ", "))
 	}
-	parts, err := e.lockNewPartitions(ctx, srcTx, newParts)
-	if err != nil {
-		return res, err
-	}
+	parts := slices.Clone(e.premade)
 	res.seqs = seqs
 	res.Changes, res.Sequences = b.changes, len(seqs.index)
 	tables, err := e.tables(b)
@@ -469,17 +469,7 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 	}
 	q.Queue("SELECT id, tbl, kind, name, restore FROM "+e.q("target_undo")+" WHERE kind = ANY($1) ORDER BY id", []string{undoFK, undoTrigger}).
 		Query(func(rows pgx.Rows) (err error) { recs, err = collectUndo(rows); return err })
-	for i := range parts {
-		q.Queue(targetPartitionSQL, parts[i].name).Query(func(rows pgx.Rows) error {
-			for rows.Next() {
-				parts[i].exists = true
-				if err := rows.Scan(&parts[i].targetParent, &parts[i].targetBound); err != nil {
-					return err
-				}
-			}
-			return rows.Err()
-		})
-	}
+	e.queueReadTarget(q, parts)
 	if err := dst.SendBatch(ctx, q).Close(); err != nil {
 		return res, fmt.Errorf("final sync: %w", err)
 	}
@@ -497,7 +487,7 @@ func (e *Engine) Final(ctx context.Context, srcTx pgx.Tx, dst *pgx.Conn) (res Fi
 		}
 		q.Queue(setSequencesSQL, names, seqs.values, seqs.called)
 	}
-	if err := queueNewPartitions(q, parts); err != nil {
+	if err := e.queueNewPartitions(q, parts); err != nil {
 		return res, fmt.Errorf("final sync: %w", err)
 	}
 	e.queueFinish(q, recs)

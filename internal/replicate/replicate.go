@@ -115,6 +115,9 @@ type Engine struct {
 	// restored) has fewer, and the run must not switch, since the source
 	// already consumed those changes.
 	applied atomic.Int64
+	// premade are the partitions created during the run that FindPremade
+	// found, for the final sync to lock, check and create in the target.
+	premade []newPartition
 }
 
 // ErrOvertaken is returned when the Guard says the run may no longer write.
