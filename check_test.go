@@ -1,7 +1,9 @@
 package swo
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -72,5 +74,80 @@ CREATE TABLE filled (id int PRIMARY KEY); INSERT INTO filled VALUES (7)`)
 	}
 	if err := Check(ctx, Config{OldURL: old.URL, NextURL: old.URL}); !errors.Is(err, ErrPreconditions) || !strings.Contains(err.Error(), "reach the same database") {
 		t.Fatalf("Check with one database twice: %v", err)
+	}
+}
+
+// TestCheckAcceptsASchemaCreatedForTheRole: the documented alternative to
+// GRANT CREATE ON DATABASE, an administrator's CREATE SCHEMA swo
+// AUTHORIZATION <role>, satisfies Check and NewConnector (found by review:
+// both still asked for CREATE on the database).
+func TestCheckAcceptsASchemaCreatedForTheRole(t *testing.T) {
+	old, next := pgtest.NewDatabase(t), pgtest.NewDatabase(t)
+	ctx := testCtx(t)
+	var urls []string
+	for _, d := range []*pgtest.Database{old, next} {
+		r := d.NewRole(t, "app", "CREATE SCHEMA swo AUTHORIZATION %[1]s; CREATE TABLE public.t (id int PRIMARY KEY); ALTER TABLE public.t OWNER TO %[1]s;")
+		urls = append(urls, r.URL)
+	}
+	cfg := Config{OldURL: urls[0], NextURL: urls[1], Logger: testLogger(t)}
+	if err := Check(ctx, cfg); err != nil {
+		t.Fatalf("Check: %v", err)
+	}
+	c, err := NewConnector(ctx, cfg)
+	if err != nil {
+		t.Fatalf("NewConnector: %v", err)
+	}
+	c.Close()
+	// Without either privilege, Check names the role and both remedies.
+	bare := old.NewRole(t, "bare", "COMMENT ON ROLE %[1]s IS 'no CREATE anywhere';")
+	err = Check(ctx, Config{OldURL: bare.URL, NextURL: urls[1], Namespace: "other", Logger: testLogger(t)})
+	want := fmt.Sprintf(`old database: role %q may not create swo's schema "other": have an administrator run GRANT CREATE ON DATABASE %q TO %q, or CREATE SCHEMA other AUTHORIZATION %q`,
+		bare.Name, old.Name, bare.Name, bare.Name)
+	if !errors.Is(err, ErrPreconditions) || !strings.Contains(err.Error(), want) {
+		t.Fatalf("Check without the privilege: %v\nwant it to say: %s", err, want)
+	}
+}
+
+// TestCheckRefusesAForeignNamespace: a schema of the service's own named
+// like the library's is a problem Check reports, as NewConnector refuses it
+// (found by review: Check passed, and would have left its tables out).
+func TestCheckRefusesAForeignNamespace(t *testing.T) {
+	old, next := pgtest.NewDatabase(t), pgtest.NewDatabase(t)
+	pgtest.Exec(t, old.URL, "CREATE SCHEMA swo; CREATE TABLE swo.accounts (id int PRIMARY KEY); CREATE TABLE t (id int PRIMARY KEY)")
+	pgtest.Exec(t, next.URL, "CREATE TABLE t (id int PRIMARY KEY)")
+	err := Check(testCtx(t), Config{OldURL: old.URL, NextURL: next.URL, Logger: testLogger(t)})
+	if !errors.Is(err, ErrPreconditions) || !strings.Contains(err.Error(), `schema "swo" exists and was not created by swo; choose another Config.Namespace`) {
+		t.Fatalf("Check: %v", err)
+	}
+}
+
+// TestCheckDuringARunAndAgainstTheNodes: while a run is in progress Check
+// says so rather than comparing the new database as the run left it (found
+// by review: it reported the keys dropped for the load); and its settings
+// must be the nodes', or it says what differs.
+func TestCheckDuringARunAndAgainstTheNodes(t *testing.T) {
+	old, next := fidelityPair(t, "CREATE TABLE t (id int PRIMARY KEY, v int); CREATE TABLE scratch (id int PRIMARY KEY);",
+		"INSERT INTO t SELECT i, i FROM generate_series(1, 100) i;")
+	c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL, ExcludeTables: []string{"public.scratch"}})
+	ctx := testCtx(t)
+	if err := c.Reset(ctx); err != nil {
+		t.Fatal(err)
+	}
+	err := Check(ctx, Config{OldURL: old.URL, NextURL: next.URL, Logger: testLogger(t)})
+	if !errors.Is(err, ErrPreconditions) || !strings.Contains(err.Error(), "differ from node") || !strings.Contains(err.Error(), "public.scratch") {
+		t.Fatalf("Check with other settings than the node's: %v", err)
+	}
+	same := Config{OldURL: old.URL, NextURL: next.URL, ExcludeTables: []string{"public.scratch"}, Logger: testLogger(t)}
+	if err := Check(ctx, same); err != nil {
+		t.Fatalf("Check with the node's settings: %v", err)
+	}
+	checked := make(chan error, 1)
+	atPhase(c, "initial copy", func(ctx context.Context) { checked <- Check(ctx, same) })
+	if err := c.Execute(ctx); err != nil {
+		t.Fatal(err)
+	}
+	err = <-checked
+	if !errors.Is(err, ErrPreconditions) || !strings.Contains(err.Error(), "a run is in progress (state syncing)") || strings.Contains(err.Error(), "primary key") {
+		t.Fatalf("Check during the run: %v", err)
 	}
 }

@@ -265,6 +265,67 @@ func (r *syncRun) refusedNow(ctx context.Context) error {
 	return nil
 }
 
+// dryRunOn makes Check's checks of one database's swo schema: obsolete,
+// not the library's, privileges to create it, and, on the old database,
+// the nodes (their settings against this check's too) and whether a run is
+// in progress (its state, or StateUnknown).
+func (s *common) dryRunOn(ctx context.Context, conn *pgx.Conn, e *endpoint) (probs []Problem, running State, err error) {
+	info, ok, err := s.meta.Read(ctx, conn)
+	if errors.Is(err, meta.ErrForeignSchema) {
+		return []Problem{{Object: e.label + " database", Issue: err.Error()}}, StateUnknown, nil
+	}
+	if err != nil {
+		return nil, StateUnknown, err
+	}
+	if !ok {
+		// RESET will create the schema: CREATE on the database, or on a
+		// schema an administrator created for the role.
+		var may bool
+		var role string
+		if err := conn.QueryRow(ctx, `SELECT current_user, CASE WHEN to_regnamespace($1) IS NULL THEN has_database_privilege(current_database(), 'CREATE')
+	ELSE has_schema_privilege($1, 'CREATE') AND has_schema_privilege($1, 'USAGE') END`, s.cfg.Namespace).Scan(&role, &may); err != nil {
+			return nil, StateUnknown, err
+		}
+		if !may {
+			probs = append(probs, Problem{Object: e.label + " database", Issue: fmt.Sprintf(
+				"role %q may not create swo's schema %q: have an administrator run GRANT CREATE ON DATABASE %s TO %s, or CREATE SCHEMA %s AUTHORIZATION %s",
+				role, s.cfg.Namespace, pgx.Identifier{conn.Config().Database}.Sanitize(), pgx.Identifier{role}.Sanitize(), s.cfg.Namespace, pgx.Identifier{role}.Sanitize())})
+		}
+		return probs, StateUnknown, nil
+	}
+	e.setInfo(info)
+	if info.Obsolete() {
+		probs = append(probs, Problem{Object: e.label + " database", Issue: s.obsolete(e, info).Error()})
+	}
+	if e != s.old {
+		return probs, StateUnknown, nil
+	}
+	nodes, err := (cluster.Table{Name: s.meta.Table("nodes")}).List(ctx, conn, defaultTimings.timeout)
+	if err != nil {
+		return nil, StateUnknown, err
+	}
+	if perr := nodeProblems(nodes); perr != nil {
+		probs = append(probs, Problem{Object: "nodes", Issue: perr.Error()})
+	}
+	for _, n := range nodes {
+		if n.Alive && n.Agreed != "" && n.Agreed != s.cfg.agreed() {
+			probs = append(probs, Problem{Object: "configuration", Issue: fmt.Sprintf(
+				"this check's settings (%s) differ from node %s's (%s): check with the service's Config.ExcludeTables and Config.AllowClearTarget (swoctl: --exclude-tables, --allow-clear-target), or the result says nothing about what its RESET will do",
+				s.cfg.agreed(), n.Name, n.Agreed)})
+			break
+		}
+	}
+	msgs, err := msglog.Log{Table: s.meta.Table("log")}.Read(ctx, conn, 0)
+	if err != nil {
+		return nil, StateUnknown, err
+	}
+	switch v := derive(msgs, time.Now()); v.State {
+	case StateSyncing, StatePausing, StateExecuting:
+		running = v.State
+	}
+	return probs, running, nil
+}
+
 // changeTableBlockers names the sessions and prepared transactions holding
 // locks on the change table of the old database.
 func (c *common) changeTableBlockers() string {
@@ -976,33 +1037,22 @@ func (s *common) dryRun(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		info, ok, err := s.meta.Read(ctx, conn)
-		if err == nil && ok {
-			e.setInfo(info)
-			if info.Obsolete() {
-				obsolete = true
-				probs = append(probs, Problem{Object: e.label + " database", Issue: s.obsolete(e, info).Error()})
-			}
-		}
-		if err == nil && !ok {
-			var may bool
-			if err = conn.QueryRow(ctx, "SELECT has_database_privilege(current_database(), 'CREATE')").Scan(&may); err == nil && !may {
-				probs = append(probs, Problem{Object: e.label + " database", Issue: fmt.Sprintf(
-					"the role may not create swo's schema %q: GRANT CREATE ON DATABASE to it, or have an administrator run CREATE SCHEMA %s AUTHORIZATION <role>",
-					s.cfg.Namespace, s.cfg.Namespace)})
-			}
-		}
-		if err == nil && ok && e == s.old {
-			var nodes []cluster.Node
-			if nodes, err = (cluster.Table{Name: s.meta.Table("nodes")}).List(ctx, conn, defaultTimings.timeout); err == nil {
-				if perr := nodeProblems(nodes); perr != nil {
-					probs = append(probs, Problem{Object: "nodes", Issue: perr.Error()})
-				}
-			}
-		}
+		var ps []Problem
+		var running State
+		ps, running, err = s.dryRunOn(ctx, conn, e)
 		closeBounded(conn)
 		if err != nil {
 			return fmt.Errorf("%s database %s: %w", e.label, e.describe(), err)
+		}
+		probs = append(probs, ps...)
+		if e.Info().Obsolete() {
+			obsolete = true
+		}
+		if running != StateUnknown {
+			// The new database is as the run left it (keys dropped for the
+			// load, tables half filled): comparing it would mislead.
+			return preconditions(append(probs, Problem{Object: "cluster", Issue: fmt.Sprintf(
+				"a run is in progress (state %s): wait for its outcome, or press RESET, which cancels it and restores the new database; then check again", running)}))
 		}
 	}
 	r, err := s.check(ctx)

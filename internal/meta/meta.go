@@ -67,11 +67,19 @@ func (s Store) Table(name string) string { return s.schema + "." + name }
 // ErrNoPrivilege is wrapped when the role may not create the library's schema.
 var ErrNoPrivilege = errors.New("insufficient privilege")
 
-// ddl creates version 1 of the schema. Statements are idempotent.
-func (s Store) ddl() string {
-	return fmt.Sprintf(`
+// ddl creates version 1 of the schema. Statements are idempotent. An
+// empty schema of that name that exists already (an administrator's CREATE
+// SCHEMA … AUTHORIZATION <role>, for a role without CREATE on the
+// database) is used as it is: CREATE SCHEMA IF NOT EXISTS would still need
+// that privilege, and COMMENT needs ownership.
+func (s Store) ddl(schemaExists bool) string {
+	head := fmt.Sprintf(`
 CREATE SCHEMA IF NOT EXISTS %[1]s;
-COMMENT ON SCHEMA %[1]s IS 'swo: live switchover state (https://github.com/pgswo/swo); managed by the library';
+COMMENT ON SCHEMA %[1]s IS 'swo: live switchover state (https://github.com/pgswo/swo); managed by the library';`, s.schema)
+	if schemaExists {
+		head = ""
+	}
+	return head + fmt.Sprintf(`
 CREATE TABLE IF NOT EXISTS %[1]s.meta (
 	one         boolean PRIMARY KEY DEFAULT true CHECK (one),
 	id          uuid NOT NULL,
@@ -97,10 +105,14 @@ func (s Store) Ensure(ctx context.Context, conn *pgx.Conn, extra ...string) (Inf
 			return err
 		}
 		if foreign {
-			return fmt.Errorf("schema %q exists and was not created by swo; choose another Config.Namespace", s.schema)
+			return s.foreignErr()
 		}
 		if !exists {
-			if _, err := tx.Exec(ctx, s.ddl()); err != nil {
+			var schemaExists bool
+			if err := tx.QueryRow(ctx, "SELECT to_regnamespace($1) IS NOT NULL", s.schema).Scan(&schemaExists); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, s.ddl(schemaExists)); err != nil {
 				return privilegeHint(err, s.schema, conn)
 			}
 		}
@@ -147,10 +159,22 @@ func (s Store) probe(ctx context.Context, q querier) (exists, foreign bool, err 
 	return hasMeta, false, nil
 }
 
+// ErrForeignSchema is wrapped when a schema of the library's name exists and
+// holds tables that are not the library's.
+var ErrForeignSchema = errors.New("exists and was not created by swo")
+
+func (s Store) foreignErr() error {
+	return fmt.Errorf("schema %q %w; choose another Config.Namespace", s.schema, ErrForeignSchema)
+}
+
 // Read returns the meta row without creating anything; ok is false when the
-// database has no swo schema.
+// database has no swo schema. A schema of that name that is not the
+// library's is an error wrapping ErrForeignSchema.
 func (s Store) Read(ctx context.Context, conn *pgx.Conn) (info Info, ok bool, err error) {
-	exists, _, err := s.probe(ctx, conn)
+	exists, foreign, err := s.probe(ctx, conn)
+	if err == nil && foreign {
+		err = s.foreignErr()
+	}
 	if err != nil || !exists {
 		return Info{}, false, err
 	}
