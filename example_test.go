@@ -203,6 +203,10 @@ func answer(w http.ResponseWriter, err error) {
 		code, reply.Do = http.StatusConflict, "long transactions on the old database (named in the error): end them, then RESET and EXECUTE"
 	case errors.Is(err, swo.ErrNotReady):
 		code, reply.Do = http.StatusConflict, "RESET first; every node must show a valid configuration"
+	case errors.Is(err, swo.ErrUnconfirmed): // the switch committed
+		code, reply.Do = http.StatusOK, "the new database is live: check the nodes named, then restart every instance with its URL only"
+	case errors.Is(err, swo.ErrTargetNotEmpty):
+		code, reply.Do = http.StatusConflict, "the new database holds other rows: point NextURL at the right database, or empty the tables named, then RESET"
 	case errors.Is(err, swo.ErrDone):
 		code, reply.Do = http.StatusConflict, "restart the instances with the new database's URL only"
 	case errors.Is(err, swo.ErrRunFailed), errors.Is(err, swo.ErrResetFailed):

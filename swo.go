@@ -41,6 +41,17 @@
 // Before a successful EXECUTE, rolling back is RESET, then restarting with
 // the old URL only.
 //
+// [Check] is the dry run: it makes every check RESET makes, changes
+// neither database, and lists every problem (run it in the service's CI
+// after each migration). [Connector.Verify] compares the two databases
+// table by table. The role of the URLs needs, in each database, CREATE on
+// the database (or an empty schema an administrator created for it,
+// named Config.Namespace), and in the old one ownership of the moved
+// tables (capture installs triggers on them). What cannot be moved (large
+// objects, prepared transactions, tables without a primary key, …) is
+// refused by name; docs/inventory.md in the repository lists every kind of
+// object and what happens to it, and docs/operator-guide.md every error.
+//
 // # What a run does
 //
 // One node leads the run. It installs change capture (triggers) on the old

@@ -457,6 +457,11 @@ func reset(ctx context.Context, c *swo.Connector, stdout, stderr io.Writer) int 
 // ---- execute ----
 
 func execute(ctx context.Context, c *swo.Connector, tty bool, stdout, stderr io.Writer) int {
+	if c.Status().Routing == swo.RoutingNext {
+		// Execute would return nil at once: say what happened instead, as
+		// reset does.
+		return fail(stderr, "execute", swo.ErrDone)
+	}
 	done := make(chan error, 1)
 	go func() { done <- c.Execute(ctx) }()
 	p := progressview.New(stdout, tty)

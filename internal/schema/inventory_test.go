@@ -3,6 +3,7 @@ package schema
 import (
 	"context"
 	"flag"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -319,5 +320,25 @@ CREATE TABLE k (
 		if stable[name] {
 			t.Errorf("column %s: text form judged independent of settings", name)
 		}
+	}
+}
+
+// TestSizesOfATableNeverAnalysed: a table loaded just before the run (no
+// VACUUM or ANALYZE yet) has pages to split the copy by and a row estimate
+// for progress (relpages and reltuples say 0 and -1 until then).
+func TestSizesOfATableNeverAnalysed(t *testing.T) {
+	d := pgtest.NewDatabase(t)
+	const n = 100000
+	pgtest.Exec(t, d.URL, fmt.Sprintf(`CREATE TABLE fresh (id bigint PRIMARY KEY, title text, done boolean) WITH (autovacuum_enabled = off);
+INSERT INTO fresh SELECT i, 'item ' || i, false FROM generate_series(1, %d) i`, n))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	db, err := Read(ctx, pgtest.Connect(t, d.AdminURL()), Options{LibrarySchema: "swo"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb := db.Table("public.fresh")
+	if tb.Pages < 500 || tb.RowsEstimate < n/3 || tb.RowsEstimate > 3*n {
+		t.Fatalf("pages %d, rows estimate %d for %d rows never analysed", tb.Pages, tb.RowsEstimate, n)
 	}
 }

@@ -116,9 +116,9 @@ type Table struct {
 	Triggers     []Trigger
 	Partition    bool  // a leaf partition: synced as a table of its own; its indexes belong to the parent's
 	Unlogged     bool  // its rows are lost at a crash of its server; moved all the same
-	RowsEstimate int64 // pg_class.reltuples, -1 if never analysed
+	RowsEstimate int64 // pg_class.reltuples, or a guess from its size and column widths if never analysed
 	Bytes        int64 // pg_table_size
-	Pages        int64 // pg_class.relpages (estimate)
+	Pages        int64 // heap pages now (pg_relation_size): relpages is 0 until the first VACUUM or ANALYZE
 
 	// Parents are the tables it inherits from (qualified, in order), or its
 	// partitioned parent; Bound is its partition bound.
@@ -340,7 +340,10 @@ func read(ctx context.Context, tx pgx.Tx, opts Options) (*Database, error) {
 	}
 	rows, err := tx.Query(ctx, `
 SELECT c.oid, c.relkind = 'p', n.nspname, c.relname, pg_get_userbyid(c.relowner), c.relispartition, c.relpersistence = 'u',
-	c.reltuples::bigint, pg_table_size(c.oid), c.relpages, c.relrowsecurity, c.relforcerowsecurity,
+	CASE WHEN c.reltuples >= 0 OR c.relkind = 'p' THEN c.reltuples::bigint
+		ELSE (pg_relation_size(c.oid) / (24 + (SELECT coalesce(sum(CASE WHEN a.attlen > 0 THEN a.attlen ELSE 32 END), 0)
+			FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)))::bigint END,
+	pg_table_size(c.oid), pg_relation_size(c.oid) / current_setting('block_size')::bigint, c.relrowsecurity, c.relforcerowsecurity,
 	ARRAY(SELECT pn.nspname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
 		JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid ORDER BY i.inhseqno)::text[],
 	ARRAY(SELECT p.relname FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent WHERE i.inhrelid = c.oid ORDER BY i.inhseqno)::text[],
