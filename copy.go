@@ -1014,18 +1014,39 @@ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND a.applica
 // when a database was switched away from). A service's CI can call it after
 // every migration to keep its schema switchable.
 func Check(ctx context.Context, cfg Config) error {
-	cfg = cfg.withDefaults()
-	p, err := cfg.parse()
+	s, err := standalone(cfg, "Check")
 	if err != nil {
 		return err
 	}
+	return s.public(s.dryRun(ctx))
+}
+
+// Verify is [Connector.Verify] without a connector: it compares the two
+// databases of cfg and changes neither, joining no cluster (so a command
+// need not share the nodes' settings beyond the exclusions it compares).
+func Verify(ctx context.Context, cfg Config) (VerifyReport, error) {
+	s, err := standalone(cfg, "Verify")
+	if err != nil {
+		return VerifyReport{}, err
+	}
+	rep, err := s.verify(ctx)
+	return rep, s.public(err)
+}
+
+// standalone is the shared part of a connector that Check and Verify need:
+// the configuration and both databases, no node, no router.
+func standalone(cfg Config, what string) (*common, error) {
+	cfg = cfg.withDefaults()
+	p, err := cfg.parse()
+	if err != nil {
+		return nil, err
+	}
 	if p.next == nil {
-		return p.public(fmt.Errorf("%w: Check needs NextURL (--db-url-next): the database to switch over to", ErrConfig))
+		return nil, p.public(fmt.Errorf("%w: %s needs NextURL (--db-url-next): the database to switch over to", ErrConfig, what))
 	}
 	keys := newLockKeys(cfg.Namespace)
-	s := &common{cfg: cfg, log: cfg.Logger.With("swo.node", cfg.NodeName), keys: keys,
-		meta: meta.New(cfg.Namespace, keys.pair(lockSetup)), old: p.old, next: p.next, redactor: p.redactor}
-	return s.public(s.dryRun(ctx))
+	return &common{cfg: cfg, log: cfg.Logger.With("swo.node", cfg.NodeName), keys: keys,
+		meta: meta.New(cfg.Namespace, keys.pair(lockSetup)), old: p.old, next: p.next, redactor: p.redactor}, nil
 }
 
 // dryRun is Check's work: every read RESET makes, none of its writes.

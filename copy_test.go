@@ -195,6 +195,8 @@ func finalSync(t *testing.T, r *syncRun) replicate.FinalResult {
 	return res
 }
 
+// verifyEqual checks with Connector.Verify, and with the package-level
+// Verify, which must say the same, that the databases are equal.
 func verifyEqual(t *testing.T, c *Connector) VerifyReport {
 	t.Helper()
 	rep, err := c.Verify(testCtx(t))
@@ -203,6 +205,13 @@ func verifyEqual(t *testing.T, c *Connector) VerifyReport {
 	}
 	if !rep.Equal {
 		t.Fatalf("databases differ after the sync:\n%s", rep)
+	}
+	alone, err := Verify(testCtx(t), c.cfg)
+	if err != nil {
+		t.Fatalf("Verify: %v", err)
+	}
+	if alone.String() != rep.String() {
+		t.Fatalf("Verify says\n%s\nConnector.Verify says\n%s", alone, rep)
 	}
 	return rep
 }

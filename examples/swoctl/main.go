@@ -161,12 +161,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	opts.cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 
-	if opts.cmd == "check" {
+	switch opts.cmd {
+	case "check":
 		if err := swo.Check(ctx, opts.cfg); err != nil {
 			return fail(stderr, opts.cmd, err)
 		}
 		fmt.Fprintln(stdout, "check passed: RESET's checks find no problem; a switchover could start")
 		return exitOK
+	case "verify":
+		rep, err := swo.Verify(ctx, opts.cfg)
+		return verify(rep, err, opts.json, stdout, stderr)
 	}
 
 	host, _ := os.Hostname()
@@ -182,10 +186,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return status(ctx, c, opts.json, stdout)
 	case "reset":
 		return reset(ctx, c, stdout, stderr)
-	case "execute":
+	default: // execute
 		return execute(ctx, c, tty, stdout, stderr)
-	default: // verify
-		return verify(ctx, c, opts.json, stdout, stderr)
 	}
 }
 
@@ -502,8 +504,7 @@ wait:
 
 // ---- verify ----
 
-func verify(ctx context.Context, c *swo.Connector, asJSON bool, stdout, stderr io.Writer) int {
-	rep, err := c.Verify(ctx)
+func verify(rep swo.VerifyReport, err error, asJSON bool, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(stderr, "verify", err)
 	}
