@@ -790,7 +790,8 @@ type Timings struct {
 // (the phase starts when the copy ends, counting as done those rebuilt
 // beside the copy), materialized views in PhaseRefreshMatViews, and foreign keys in
 // PhaseValidating. The other phases count nothing. Bytes are counted in
-// PhaseInitialCopy only.
+// PhaseInitialCopy only: BytesDone is the COPY text streamed, BytesTotal the
+// tables' size on disk (close, not the same measure).
 type Progress struct {
 	Phase      Phase   `json:"phase"`
 	Table      string  `json:"table,omitempty"` // the table being worked on, schema.name
