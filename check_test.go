@@ -151,3 +151,30 @@ func TestCheckDuringARunAndAgainstTheNodes(t *testing.T) {
 		t.Fatalf("Check during the run: %v", err)
 	}
 }
+
+// TestCheckOnAFormerNewDatabase: B of an A → B move holds swo's schema
+// without the cluster's tables; Check of B → C works (found by review: it
+// failed on the missing node table).
+func TestCheckOnAFormerNewDatabase(t *testing.T) {
+	a, b, c := pgtest.NewDatabase(t), pgtest.NewDatabase(t), pgtest.NewDatabase(t)
+	for _, d := range []*pgtest.Database{a, b, c} {
+		pgtest.Exec(t, d.URL, "CREATE TABLE t (id int PRIMARY KEY)")
+	}
+	newConnector(t, Config{OldURL: a.URL, NextURL: b.URL}).Close() // gives B its swo schema
+	if err := Check(testCtx(t), Config{OldURL: b.URL, NextURL: c.URL, Logger: testLogger(t)}); err != nil {
+		t.Fatalf("Check of B → C: %v", err)
+	}
+}
+
+// TestNormalModeIgnoresAnApplicationSchemaNamedLikeTheNamespace: in normal
+// mode the library creates nothing, so the application's own schema named
+// "swo" is no concern (found by review: NewConnector refused it).
+func TestNormalModeIgnoresAnApplicationSchemaNamedLikeTheNamespace(t *testing.T) {
+	db := pgtest.NewDatabase(t)
+	pgtest.Exec(t, db.URL, "CREATE SCHEMA swo; CREATE TABLE swo.orders (id int PRIMARY KEY)")
+	c := newConnector(t, Config{OldURL: db.URL})
+	var n int
+	if err := openDB(t, c).QueryRowContext(testCtx(t), "SELECT count(*) FROM swo.orders").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -300,6 +301,14 @@ func (s *common) dryRunOn(ctx context.Context, conn *pgx.Conn, e *endpoint) (pro
 	if e != s.old {
 		return probs, StateUnknown, nil
 	}
+	// A database that was the new one of an earlier switchover has the
+	// schema without the cluster's tables until an instance starts on it
+	// with a next database.
+	var hasCluster bool
+	if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+		s.meta.Table("nodes"), s.meta.Table("log")).Scan(&hasCluster); err != nil || !hasCluster {
+		return probs, StateUnknown, err
+	}
 	nodes, err := (cluster.Table{Name: s.meta.Table("nodes")}).List(ctx, conn, defaultTimings.timeout)
 	if err != nil {
 		return nil, StateUnknown, err
@@ -326,9 +335,10 @@ func (s *common) dryRunOn(ctx context.Context, conn *pgx.Conn, e *endpoint) (pro
 	return probs, running, nil
 }
 
-// changeTableBlockers names the sessions and prepared transactions holding
-// locks on the change table of the old database.
-func (c *common) changeTableBlockers() string {
+// lockBlockers names the sessions and prepared transactions holding locks
+// on the change table of the old database and on the other tables named
+// (oid → name), table by table.
+func (c *common) lockBlockers(others map[uint32]string) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	conn, err := c.connect(ctx, c.old, roleCtl)
@@ -340,7 +350,18 @@ func (c *common) changeTableBlockers() string {
 	if err := conn.QueryRow(ctx, "SELECT to_regclass($1)::oid", c.cfg.Namespace+".changes").Scan(&oid); err != nil {
 		return "(could not list them: " + err.Error() + ")"
 	}
-	return capture.Blockers(ctx, conn, oid)
+	out := capture.Blockers(ctx, conn, oid)
+	var more []string
+	for o, name := range others {
+		if b := capture.Blockers(ctx, conn, o); !strings.Contains(b, "(they have ended since)") {
+			more = append(more, name+": "+b)
+		}
+	}
+	slices.Sort(more)
+	if len(more) == 0 {
+		return out
+	}
+	return "change table: " + out + "; " + strings.Join(more, "; ")
 }
 
 // catchUp runs incremental rounds until the backlog is small.
@@ -826,11 +847,16 @@ func (lr *leaderRun) commit(ctx context.Context, pauseStart time.Time) (replicat
 	res, err := lr.sync.eng.Final(ctx, tx, lr.dst)
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
+		// Release what the final sync holds, so that only others are named.
+		rctx, rcancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = tx.Rollback(rctx)
+		rcancel()
+		others := lr.sync.eng.LockedTables()
 		what := "the change table"
-		if lr.sync.eng.Premade() > 0 {
-			what += " or a partition created during the run"
+		if len(others) > 0 {
+			what += ", the partitioned tables or the partitions created during the run"
 		}
-		return res, fmt.Errorf("%w (Config.PauseBudget %v): the final sync could not lock %s: %s", ErrPauseBudget, budget, what, lr.changeTableBlockers())
+		return res, fmt.Errorf("%w (Config.PauseBudget %v, for each lock): the final sync could not lock %s: %s", ErrPauseBudget, budget, what, lr.lockBlockers(others))
 	}
 	if err != nil {
 		return res, err

@@ -485,13 +485,62 @@ CREATE UNIQUE INDEX m2_v ON m2 (v); ALTER TABLE m2 ADD CONSTRAINT m2_v_check CHE
 		pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
 	})
 
+	t.Run("under a parent with settings of its own", func(t *testing.T) {
+		// Found by review: a column statistics target of the parent (which
+		// PARTITION OF does not copy) made a plain partition look like one
+		// with a definition of its own.
+		old, next := fidelityPair(t, ddl+"\nALTER TABLE m ALTER COLUMN v SET STATISTICS 500;", seed)
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+		atPhase(c, "incremental sync", func(ctx context.Context) { pgtest.Exec(t, old.URL, premake) })
+		if err := switchover(t, c); err != nil {
+			t.Fatalf("RESET + EXECUTE: %v", err)
+		}
+	})
+
+	t.Run("a session holds the parent", func(t *testing.T) {
+		// Found by review: the pause failed naming only the change table.
+		old, next := fidelityPair(t, ddl, seed)
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL, PauseBudget: time.Second})
+		maint := pgtest.Connect(t, old.URL) // a manual ANALYZE of the parent, say
+		atPhaseToo(c, "locked", func(ctx context.Context) {
+			if _, err := maint.Exec(ctx, "BEGIN; LOCK TABLE ONLY m IN SHARE UPDATE EXCLUSIVE MODE"); err != nil {
+				t.Error(err)
+			}
+		})
+		err := switchover(t, c)
+		if !errors.Is(err, ErrPauseBudget) || !strings.Contains(err.Error(), "public.m: sessions holding locks on the table: pid ") {
+			t.Fatalf("RESET + EXECUTE: %v, want ErrPauseBudget naming public.m and the session", err)
+		}
+	})
+
+	t.Run("the switch fails after the final sync created it", func(t *testing.T) {
+		// Found by review: the abort dropped the partition it had created,
+		// and the next RESET refused the missing table. It stays (empty).
+		old, next := fidelityPair(t, ddl, seed)
+		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
+		atPhase(c, "incremental sync", func(ctx context.Context) { pgtest.Exec(t, old.URL, premake) })
+		atPhaseToo(c, "final", func(ctx context.Context) {
+			// The leader's session to the old database dies before the switch commits.
+			pgtest.Exec(t, old.AdminURL(), `SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+WHERE l.relation = 'swo.changes'::regclass AND l.mode = 'AccessExclusiveLock' AND l.granted`)
+		})
+		if err := switchover(t, c); !errors.Is(err, ErrRunFailed) {
+			t.Fatalf("EXECUTE: %v, want the run to fail", err)
+		}
+		c.leader.testHook = nil
+		if err := switchover(t, c); err != nil {
+			t.Fatalf("RESET + EXECUTE after the failed run: %v", err)
+		}
+		pgtest.AssertSame(t, old, next, pgtest.CompareOptions{})
+	})
+
 	t.Run("with rows", func(t *testing.T) {
 		old, next := fidelityPair(t, ddl, seed)
 		c := newConnector(t, Config{OldURL: old.URL, NextURL: next.URL})
 		atPhase(c, "incremental sync", func(ctx context.Context) {
 			pgtest.Exec(t, old.URL, premake+"INSERT INTO m VALUES (7, 17, 'early')")
 		})
-		expectRunFailed(t, c, "changed during the run", "public.m2", "hold rows")
+		expectRunFailed(t, c, "changed during the run", "public.m2", "hold rows", "create them in the new database too")
 		c.leader.testHook = nil
 		pgtest.Exec(t, next.URL, "CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20); CREATE TABLE \"Sub A 1\" PARTITION OF sub_a FOR VALUES FROM (10) TO (20)") // the migration
 		if err := switchover(t, c); err != nil {

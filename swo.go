@@ -385,6 +385,12 @@ func (c *Connector) startNormal(ctx context.Context) error {
 	}
 	defer closeBounded(conn)
 	info, ok, err := c.meta.Read(ctx, conn)
+	if errors.Is(err, meta.ErrForeignSchema) {
+		// The application's own schema of that name: in normal mode the
+		// library creates nothing, so it is no concern (switchover mode
+		// refuses it, and asks for another Config.Namespace).
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("read the state of %s: %w", c.old.describe(), err)
 	}

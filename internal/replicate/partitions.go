@@ -50,7 +50,7 @@ const newPartitionsSQL = `SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.
 			LEFT JOIN pg_catalog.pg_attrdef pd ON pd.adrelid = pa.attrelid AND pd.adnum = pa.attnum
 			WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 			AND (pg_catalog.pg_get_expr(d.adbin, d.adrelid) IS DISTINCT FROM pg_catalog.pg_get_expr(pd.adbin, pd.adrelid)
-				OR a.attnotnull AND NOT pa.attnotnull OR a.attstattarget <> pa.attstattarget OR a.attoptions IS NOT NULL)) THEN 'columns' END
+				OR a.attnotnull AND NOT pa.attnotnull OR a.attstattarget >= 0 OR a.attoptions IS NOT NULL)) THEN 'columns' END
 	], NULL)
 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_inherits i ON i.inhrelid = c.oid JOIN pg_catalog.pg_class p ON p.oid = i.inhparent
@@ -100,8 +100,19 @@ func (e *Engine) FindPremade(ctx context.Context, conn *pgx.Conn) error {
 	return nil
 }
 
-// Premade is the number of partitions FindPremade found.
-func (e *Engine) Premade() int { return len(e.premade) }
+// LockedTables names (by oid) the tables the final sync locks besides the
+// change table: the moved partitioned tables and the partitions FindPremade
+// found.
+func (e *Engine) LockedTables() map[uint32]string {
+	out := map[uint32]string{}
+	for _, p := range e.Source.Partitioned {
+		out[p.OID] = p.String()
+	}
+	for _, p := range e.premade {
+		out[p.oid] = p.name
+	}
+	return out
+}
 
 func (e *Engine) partitionedOIDs() map[uint32]bool {
 	parents := map[uint32]bool{}
@@ -164,7 +175,8 @@ func (e *Engine) queueCheckPremade(q *pgx.Batch, failed *[]string) {
 // (oids) with those locked: one created since FindPremade was not locked.
 func (e *Engine) checkPremade(oids []uint32, failed []string) error {
 	if len(failed) > 0 {
-		return fmt.Errorf("%w: partition(s) %s, created during the run, hold rows that capture did not see (only empty new partitions are moved with the switch) or were renamed; RESET, which moves them, and EXECUTE again",
+		return fmt.Errorf("%w: partition(s) %s, created during the run, hold rows that capture did not see (only empty new partitions are moved with the switch) or were renamed; "+
+			"create them in the new database too (CREATE TABLE … PARTITION OF …, as the premaking job does), then RESET, which moves them like any table, and EXECUTE again",
 			ErrSchemaChanged, strings.Join(failed, ", "))
 	}
 	locked := map[uint32]bool{}
@@ -209,17 +221,17 @@ func (e *Engine) queueReadTarget(q *pgx.Batch, parts []newPartition) {
 }
 
 // queueNewPartitions creates, in the target, the new partitions it does
-// not have yet, owned by their parent's owner (as in the source), and
-// records each so that an abort drops it again. One that exists must be
-// the same partition (a premaking job may run on both databases).
+// not have yet, owned by their parent's owner (as in the source). One that
+// exists must be the same partition (a premaking job may run on both
+// databases). An abort leaves a created partition in place, empty: the
+// source has it too, and the next RESET needs it there (it compares the
+// schemas; it does not create tables).
 func (e *Engine) queueNewPartitions(q *pgx.Batch, parts []newPartition) error {
 	for _, p := range parts {
 		switch {
 		case !p.exists:
 			q.Queue(fmt.Sprintf("CREATE TABLE %s PARTITION OF %s %s", p.name, p.parent, p.bound))
 			q.Queue(fmt.Sprintf("ALTER TABLE %s OWNER TO %s", p.name, pgx.Identifier{p.targetOwner}.Sanitize()))
-			q.Queue("INSERT INTO "+e.q("target_undo")+" (tbl, kind, name, restore) VALUES ($1, $2, $3, $4)",
-				p.name, undoPartition, p.name, "DROP TABLE IF EXISTS "+p.name)
 		case p.targetParent != p.parent || p.targetBound != p.bound:
 			return fmt.Errorf("partition %s, created in the old database during the run (%s of %s), is a different partition in the new database (%s of %s): make them the same, then RESET and EXECUTE again",
 				p.name, p.bound, p.parent, p.targetBound, p.targetParent)

@@ -22,7 +22,6 @@ const (
 	undoTrigger    = "trigger"    // user trigger to enable again
 	undoValidate   = "validate"   // foreign key re-added NOT VALID, still to validate
 	undoMatView    = "matview"    // materialized view the run refreshed: refreshed again (or emptied) on abort
-	undoPartition  = "partition"  // partition the final sync created (premade in the source): dropped on abort
 
 	// kept is not undone: a table whose rows equalled the source's, which the
 	// run loaded again and an abort leaves filled. The record outlives Undo:
@@ -80,7 +79,7 @@ func (e *Engine) undoRecords(ctx context.Context, conn *pgx.Conn, kinds ...strin
 // abort leaves them with their rows. also, if not nil, runs in the same
 // transaction (the caller's marks).
 func (e *Engine) Prepare(ctx context.Context, conn *pgx.Conn, also func(context.Context, pgx.Tx) error) error {
-	pending, err := e.undoRecords(ctx, conn, undoTruncate, undoConstraint, undoIndex, undoFK, undoTrigger, undoValidate, undoMatView, undoPartition)
+	pending, err := e.undoRecords(ctx, conn, undoTruncate, undoConstraint, undoIndex, undoFK, undoTrigger, undoValidate, undoMatView)
 	if err != nil {
 		return fmt.Errorf("prepare target: %w", err)
 	}
@@ -331,7 +330,7 @@ func (e *Engine) Finish(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close(context.Background())
-	if _, err := conn.Exec(ctx, "DELETE FROM "+e.q("target_undo")+" WHERE (kind = $1 AND src = $2) OR kind = ANY($3)", undoTruncate, e.SourceID, []string{undoMatView, undoPartition}); err != nil {
+	if _, err := conn.Exec(ctx, "DELETE FROM "+e.q("target_undo")+" WHERE (kind = $1 AND src = $2) OR kind = $3", undoTruncate, e.SourceID, undoMatView); err != nil {
 		return err
 	}
 	recs, err := e.undoRecords(ctx, conn, undoValidate)
@@ -392,7 +391,7 @@ func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source
 			return fmt.Errorf("empty the tables loaded by the run: %w", err)
 		}
 	}
-	for _, kinds := range [][]string{{undoPartition}, {undoConstraint, undoIndex}, {undoFK}, {undoTrigger}, {undoValidate}, {undoMatView}} {
+	for _, kinds := range [][]string{{undoConstraint, undoIndex}, {undoFK}, {undoTrigger}, {undoValidate}, {undoMatView}} {
 		recs, err := e.undoRecords(ctx, conn, kinds...)
 		if err != nil {
 			return err
