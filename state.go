@@ -428,7 +428,7 @@ func (n *node) finishAfterLeader(ctx context.Context, oldConn *pgx.Conn) {
 	}
 	defer closeBounded(conn)
 	for ctx.Err() == nil {
-		pending, err := replicate.PendingValidation(ctx, conn, n.cfg.Namespace)
+		pending, err := replicate.PendingFinish(ctx, conn, n.cfg.Namespace, n.old.Info().ID)
 		if err != nil || pending == 0 {
 			return
 		}
@@ -464,7 +464,7 @@ func (n *node) finishLeftovers(ctx context.Context) {
 	if err != nil {
 		return
 	}
-	pending, err := replicate.PendingValidation(ctx, conn, n.cfg.Namespace)
+	pending, err := replicate.PendingFinish(ctx, conn, n.cfg.Namespace, n.old.Info().ID)
 	closeBounded(conn)
 	if err != nil || pending == 0 {
 		return

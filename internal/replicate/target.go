@@ -419,15 +419,21 @@ func Undo(ctx context.Context, dst *pgx.ConnConfig, librarySchema string, source
 	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error { return also(ctx, tx) })
 }
 
-// PendingValidation reports how many foreign keys of the target, re-added
-// NOT VALID by a final sync, are still to be validated (Finish does it).
-func PendingValidation(ctx context.Context, conn *pgx.Conn, librarySchema string) (int, error) {
+// PendingFinish reports how much of the target's work after the switch
+// Finish has still to do: foreign keys re-added NOT VALID by a final sync,
+// to validate, and the records Finish forgets (of the tables loaded from
+// source, and of the materialized views). Those records, left behind by a
+// leader that died before Finish, would make this database, were it a
+// switchover's target again, refuse its Prepare for good (the next run's
+// Undo keeps another source's records).
+func PendingFinish(ctx context.Context, conn *pgx.Conn, librarySchema string, source uuid.UUID) (int, error) {
 	var exists bool
 	if err := conn.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", librarySchema+".target_undo").Scan(&exists); err != nil || !exists {
 		return 0, err
 	}
 	var n int
-	err := conn.QueryRow(ctx, "SELECT count(*) FROM "+pgx.Identifier{librarySchema, "target_undo"}.Sanitize()+" WHERE kind = $1", undoValidate).Scan(&n)
+	err := conn.QueryRow(ctx, "SELECT count(*) FROM "+pgx.Identifier{librarySchema, "target_undo"}.Sanitize()+
+		" WHERE kind = ANY($1) OR (kind = $2 AND src = $3)", []string{undoValidate, undoMatView}, undoTruncate, source).Scan(&n)
 	return n, err
 }
 
