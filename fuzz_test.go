@@ -7,14 +7,12 @@ import (
 	"fmt"
 	"net/url"
 	"os"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 
-	"github.com/jackc/pgx/v5/pgconn"
-
+	"github.com/pgswo/swo/internal/dsn/dsntest"
 	"github.com/pgswo/swo/internal/schema"
 )
 
@@ -36,7 +34,7 @@ var configPasswords = []string{
 
 // configSeed is a configuration to build: form picks how the old (low four
 // bits) and next (high four; 15: none) URLs hold their passwords (see
-// embedPassword).
+// dsntest.Embed).
 type configSeed struct {
 	form                               uint8
 	user, pw, host, db, params, nextPw string
@@ -77,87 +75,6 @@ var knownConfigLeaks = []configSeed{
 	{0x40, "alice", "s3cr3t-P@ss", "h", "app", "", "100%N3xt-pw", "", ""}, // NextURL ?password=100%N3xt-pw
 }
 
-// embedPassword renders a connection string holding pw (the forms of
-// internal/dsn's fuzz_test.go): 0-2 in a URL's user information (escaped
-// as net/url does, every byte percent-encoded, as is), 3-4 as its password
-// parameter (escaped, as is), 5-7 in keyword/value form (quoted, unquoted
-// with escapes, as is); bit 3 picks postgresql://. It returns the string,
-// the password as written, and where.
-func embedPassword(form uint8, user, pw, host, db, params string) (raw, written string, at int) {
-	scheme := "postgres://"
-	if form&8 != 0 {
-		scheme = "postgresql://"
-	}
-	switch form & 7 {
-	case 0, 1, 2:
-		written = []string{userinfoEscape(pw), percentAll(pw), pw}[form&7]
-		prefix := scheme + user + ":"
-		raw = prefix + written + "@" + host + "/" + db
-		if params != "" {
-			raw += "?" + params
-		}
-		return raw, written, len(prefix)
-	case 3, 4:
-		written = []string{url.QueryEscape(pw), pw}[form&7-3]
-		prefix := scheme + user + "@" + host + "/" + db + "?password="
-		raw = prefix + written
-		if params != "" {
-			raw += "&" + params
-		}
-		return raw, written, len(prefix)
-	}
-	prefix := "host=" + host + " user=" + user + " dbname=" + db + " password="
-	switch form & 7 {
-	case 5:
-		prefix += "'"
-		written = backslashEscape(pw, "'\\")
-		raw = prefix + written + "'"
-	case 6:
-		written = backslashEscape(pw, "'\\ \t\n\r\v\f")
-		raw = prefix + written
-	default:
-		written = pw
-		raw = prefix + written
-	}
-	if params != "" {
-		raw += " " + params
-	}
-	return raw, written, len(prefix)
-}
-
-func userinfoEscape(s string) string {
-	return strings.TrimPrefix(url.UserPassword("", s).String(), ":")
-}
-
-func percentAll(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		fmt.Fprintf(&b, "%%%02X", s[i])
-	}
-	return b.String()
-}
-
-func backslashEscape(s, special string) string {
-	var b strings.Builder
-	for _, r := range s {
-		if strings.ContainsRune(special, r) {
-			b.WriteByte('\\')
-		}
-		b.WriteRune(r)
-	}
-	return b.String()
-}
-
-// passwordForms are the texts that give a password away: as is, as
-// written, and in the encodings a URL may carry it in.
-func passwordForms(pw, written string) []string {
-	forms := []string{pw, written, url.QueryEscape(pw), url.PathEscape(pw), userinfoEscape(pw), percentAll(pw)}
-	if q := strconv.Quote(pw); len(q) > 2 {
-		forms = append(forms, q[1:len(q)-1])
-	}
-	return forms
-}
-
 // configBoilerplate is text that Validate's errors hold whatever the
 // passwords are: a password that is part of it is not checked.
 const configBoilerplate = `swo: invalid configuration: Config.Namespace: use 1 to 31 lower-case letters, digits or _, ` +
@@ -170,56 +87,6 @@ const configBoilerplate = `swo: invalid configuration: Config.Namespace: use 1 t
 	`forbidden NUL byte in connection string, strconv.ParseInt: parsing: invalid syntax, value out of range, ` +
 	`cannot parse pool_max_conns, IPv6 host address may not be empty in URI, invalid percent-encoded token in password, ` +
 	`unexpected character at position in URI (expected ":" or "/"), xxxxxx postgres://postgresql://`
-
-// checkablePassword reports whether a leak of pw (forms) in a message could
-// be told from a coincidence: pw is long enough, and no form of it is in
-// the rest of its string (around it, or around a mask in its place), in
-// others (the other URL, the namespace, the patterns), or in the messages'
-// own text.
-func checkablePassword(raw, written string, at int, forms []string, others ...string) bool {
-	pw := forms[0]
-	if len(pw) < 4 || pw[0] == 'x' || pw[len(pw)-1] == 'x' {
-		return false // short, or a mask next to part of it could complete it
-	}
-	before, after := raw[:at], raw[at+len(written):]
-	ctx := append([]string{before + after, before + "xxxxx" + after, before + "xxxxxx" + after, configBoilerplate}, others...)
-	for _, form := range forms {
-		for _, c := range ctx {
-			if strings.Contains(c, form) {
-				return false
-			}
-		}
-	}
-	return true
-}
-
-// dsnKVPassword is internal/dsn's reading of a keyword/value password.
-var dsnKVPassword = regexp.MustCompile(`(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
-
-// misreadPassword reports the class of the known leaks: internal/dsn's
-// reading of raw's password (net/url's, or a regular expression's) or
-// pgx's differs from pw, the password as written.
-func misreadPassword(raw, pw string) bool {
-	var dsnPW string
-	if strings.HasPrefix(raw, "postgres://") || strings.HasPrefix(raw, "postgresql://") {
-		if u, err := url.Parse(raw); err == nil {
-			if p, ok := u.User.Password(); ok {
-				dsnPW = p
-			} else {
-				dsnPW = u.Query().Get("password")
-			}
-		} else {
-			dsnPW = pw // unparseable: dsn does not show it
-		}
-	} else if m := dsnKVPassword.FindStringSubmatch(raw); m != nil {
-		dsnPW = strings.Trim(m[2], "'")
-	}
-	if dsnPW != pw {
-		return true
-	}
-	cfg, err := pgconn.ParseConfig(raw)
-	return err == nil && cfg.Password != pw
-}
 
 // FuzzConfigValidate: Validate never panics, is deterministic, and fails
 // only with errors that wrap ErrConfig, say "swo: " once, and hold neither
@@ -238,11 +105,11 @@ func FuzzConfigValidate(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, form uint8, user, pw, host, db, params, nextPw, namespace, exclude string) {
 		s := configSeed{form, user, pw, host, db, params, nextPw, namespace, exclude}
-		oldURL, oldWritten, oldAt := embedPassword(form&15, user, pw, host, db, params)
+		oldURL, oldWritten, oldAt := dsntest.Embed(form&15, user, pw, host, db, params)
 		var nextURL, nextWritten string
 		var nextAt int
 		if form>>4 != 15 {
-			nextURL, nextWritten, nextAt = embedPassword(form>>4, user, nextPw, host, db, params)
+			nextURL, nextWritten, nextAt = dsntest.Embed(form>>4, user, nextPw, host, db, params)
 		}
 		cfg := Config{OldURL: oldURL, NextURL: nextURL, Namespace: namespace, NodeName: "fuzz", Version: "v0"}
 		if exclude != "" {
@@ -285,12 +152,12 @@ func FuzzConfigValidate(f *testing.F) {
 			if f := []uint8{form & 15, form >> 4}[i]; (f&7 == 7 && strings.ContainsAny(sc.pw, " \t\n\r\v\f")) || (f&7 == 4 && strings.Contains(sc.pw, "&")) {
 				continue // unencoded, a space or & ends the value: the rest is other settings
 			}
-			forms := passwordForms(sc.pw, sc.written)
-			if !checkablePassword(sc.raw, sc.written, sc.at, forms, sc.other, strconv.Quote(namespace), exclude) {
+			forms := dsntest.Forms(sc.pw, sc.written)
+			if !dsntest.Checkable(sc.raw, sc.written, sc.at, forms, configBoilerplate, sc.other, strconv.Quote(namespace), exclude) {
 				continue
 			}
-			if form, ok := leakedForm(msg, forms); ok {
-				if fuzzKnownBugs == "skip" && misreadPassword(sc.raw, sc.pw) {
+			if form, ok := dsntest.Leaked(msg, forms); ok {
+				if fuzzKnownBugs == "skip" && dsntest.Misread(sc.raw, sc.pw) {
 					continue // the known class: reported
 				}
 				t.Errorf("Validate of %+v: the error holds the password %q (as %q):\n%s", s, sc.pw, form, msg)
@@ -300,15 +167,15 @@ func FuzzConfigValidate(f *testing.F) {
 }
 
 func (s configSeed) misread() bool {
-	raw, _, _ := embedPassword(s.form&15, s.user, s.pw, s.host, s.db, s.params)
-	if misreadPassword(raw, s.pw) {
+	raw, _, _ := dsntest.Embed(s.form&15, s.user, s.pw, s.host, s.db, s.params)
+	if dsntest.Misread(raw, s.pw) {
 		return true
 	}
 	if s.form>>4 == 15 {
 		return false
 	}
-	raw, _, _ = embedPassword(s.form>>4, s.user, s.nextPw, s.host, s.db, s.params)
-	return misreadPassword(raw, s.nextPw)
+	raw, _, _ = dsntest.Embed(s.form>>4, s.user, s.nextPw, s.host, s.db, s.params)
+	return dsntest.Misread(raw, s.nextPw)
 }
 
 // checkRedactor: a valid configuration's redactor takes the passwords it
@@ -335,7 +202,7 @@ func checkRedactor(t *testing.T, cfg Config) {
 			if !errors.Is(e, ErrConfig) {
 				t.Errorf("%s lost the chain: %v", what, e)
 			}
-			if form, ok := leakedForm(e.Error(), forms); ok {
+			if form, ok := dsntest.Leaked(e.Error(), forms); ok {
 				t.Errorf("%s(%q) holds the password %q (as %q): %s", what, cause, pw, form, e)
 			}
 		}
@@ -343,15 +210,6 @@ func checkRedactor(t *testing.T, cfg Config) {
 			t.Errorf("public: %q does not start with one \"swo: \"", msg)
 		}
 	}
-}
-
-func leakedForm(out string, forms []string) (string, bool) {
-	for _, form := range forms {
-		if strings.Contains(out, form) {
-			return form, true
-		}
-	}
-	return "", false
 }
 
 // TestFlagUsageHidesPasswords: URLs with passwords from the environment

@@ -2,15 +2,13 @@ package dsn
 
 import (
 	"errors"
-	"fmt"
 	"net/url"
 	"os"
-	"regexp"
 	"strconv"
 	"strings"
 	"testing"
 
-	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/pgswo/swo/internal/dsn/dsntest"
 )
 
 // The fuzz targets of this file (go test -fuzz=FuzzParseRedact ./internal/dsn, and
@@ -27,7 +25,7 @@ import (
 var knownBugs = os.Getenv("SWO_FUZZ_KNOWN_BUGS")
 
 // connSeed is a connection string to build, holding pw in one of the ways
-// of embed.
+// of dsntest.Embed.
 type connSeed struct {
 	form                       uint8
 	user, pw, host, db, params string
@@ -76,43 +74,12 @@ func seedsFor() []connSeed {
 	}
 	var out []connSeed
 	for _, s := range connSeeds {
-		if raw, _, _ := embed(s.form, s.user, s.pw, s.host, s.db, s.params); !misread(raw, s.pw) {
+		if raw, _, _ := dsntest.Embed(s.form, s.user, s.pw, s.host, s.db, s.params); !dsntest.Misread(raw, s.pw) {
 			out = append(out, s)
 		}
 	}
 	return out
 }
-
-// misread reports the class of the known leaks: dsn's reading of the
-// password of raw (net/url's for a URL, a regular expression's for
-// keyword/value: as passwordOf reads it when written) or pgx's differs
-// from pw, the password as written. Every leak found so far is of that
-// class: the connection strings are valid to libpq and pgx (or a user's
-// common mistake, such as an unencoded @), but dsn masks another part of
-// them than the password.
-func misread(raw, pw string) bool {
-	var read string
-	if isURL(raw) {
-		if u, err := url.Parse(raw); err == nil {
-			if p, ok := u.User.Password(); ok {
-				read = p
-			} else {
-				read = u.Query().Get("password")
-			}
-		} else {
-			read = pw // unparseable: not shown
-		}
-	} else if m := kvPasswordAsRead.FindStringSubmatch(raw); m != nil {
-		read = strings.Trim(m[2], "'")
-	}
-	if read != pw {
-		return true
-	}
-	cfg, err := pgconn.ParseConfig(raw)
-	return err == nil && cfg.Password != pw
-}
-
-var kvPasswordAsRead = regexp.MustCompile(`(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
 
 // knownLeakSeeds reproduce the leaks found by fuzzing (reported, not fixed
 // here; partial leaks, such as password=secret\ pw showing " pw", are not
@@ -134,86 +101,6 @@ var knownLeakSeeds = []connSeed{
 	{8 | 4, "alice", "sec;ret-pw", "h", "app", "sslmode=bogus"}, // postgresql:// alike
 }
 
-// embed renders a connection string holding pw: in the user information of
-// a URL (escaped as net/url does, every byte percent-encoded, or as is), as
-// its password query parameter (escaped or as is), or in keyword/value form
-// (quoted, unquoted with escapes, or as is). Bit 3 of form picks the URL
-// scheme. It returns the string and the password's text as written in it,
-// and where it was written (raw[at:at+len(written)]).
-func embed(form uint8, user, pw, host, db, params string) (raw, written string, at int) {
-	scheme := "postgres://"
-	if form&8 != 0 {
-		scheme = "postgresql://"
-	}
-	switch form & 7 {
-	case 0, 1, 2:
-		written = []string{escUserinfo(pw), pctAll(pw), pw}[form&7]
-		prefix := scheme + user + ":"
-		raw = prefix + written + "@" + host + "/" + db
-		if params != "" {
-			raw += "?" + params
-		}
-		return raw, written, len(prefix)
-	case 3, 4:
-		written = []string{url.QueryEscape(pw), pw}[form&7-3]
-		prefix := scheme + user + "@" + host + "/" + db + "?password="
-		raw = prefix + written
-		if params != "" {
-			raw += "&" + params
-		}
-		return raw, written, len(prefix)
-	default:
-		prefix := "host=" + host + " user=" + user + " dbname=" + db + " password="
-		switch form & 7 {
-		case 5:
-			written = kvEscape(pw, "'\\")
-			prefix += "'"
-			raw = prefix + written + "'"
-		case 6:
-			written = kvEscape(pw, "'\\ \t\n\r\v\f")
-			raw = prefix + written
-		default:
-			written = pw
-			raw = prefix + written
-		}
-		if params != "" {
-			raw += " " + params
-		}
-		return raw, written, len(prefix)
-	}
-}
-
-func escUserinfo(s string) string { return strings.TrimPrefix(url.UserPassword("", s).String(), ":") }
-
-func pctAll(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		fmt.Fprintf(&b, "%%%02X", s[i])
-	}
-	return b.String()
-}
-
-func kvEscape(s, special string) string {
-	var b strings.Builder
-	for _, r := range s {
-		if strings.ContainsRune(special, r) {
-			b.WriteByte('\\')
-		}
-		b.WriteRune(r)
-	}
-	return b.String()
-}
-
-// secretForms are the texts that give the password away: as is, as written,
-// and in the encodings a URL may carry it in.
-func secretForms(pw, written string) []string {
-	forms := []string{pw, written, url.QueryEscape(pw), url.PathEscape(pw), escUserinfo(pw), pctAll(pw)}
-	if q := strconv.Quote(pw); len(q) > 2 {
-		forms = append(forms, q[1:len(q)-1])
-	}
-	return forms
-}
-
 // boilerplate is text that messages hold whatever the password: a password
 // that is part of it cannot be told apart from a leak.
 const boilerplate = Mask + "x " + `"invalid database URL: empty, not a valid URL (not shown: it may hold a password; ` +
@@ -227,36 +114,6 @@ const boilerplate = Mask + "x " + `"invalid database URL: empty, not a valid URL
 	`unexpected character at position in URI (expected ":" or "/"), invalid percent-encoded token, ` +
 	`end of string reached when looking for matching "]" in IPv6 host address in URI, --db-url postgres://postgresql://`
 
-// checkable reports whether a leak of pw could be told from a coincidence:
-// the password is long enough, and none of its forms is in the rest of the
-// string (around the password, or around a mask in its place) or in the
-// messages' own text.
-func checkable(raw, written string, at int, forms []string) bool {
-	pw := forms[0]
-	if len(pw) < 4 || pw[0] == 'x' || pw[len(pw)-1] == 'x' {
-		return false // short, or a mask next to part of it could complete it
-	}
-	before, after := raw[:at], raw[at+len(written):]
-	ctx := []string{before + after, before + Mask + after, before + "xxxxxx" + after, boilerplate}
-	for _, form := range forms {
-		for _, c := range ctx {
-			if strings.Contains(c, form) {
-				return false
-			}
-		}
-	}
-	return true
-}
-
-func leaked(out string, forms []string) (string, bool) {
-	for _, form := range forms {
-		if strings.Contains(out, form) {
-			return form, true
-		}
-	}
-	return "", false
-}
-
 // FuzzParseRedact: Parse, Redact, Describe and Scrub never panic; Parse's
 // errors name the setting and wrap ErrInvalid; neither Redact's output, nor
 // Parse's error, nor the description of what Parse read holds the password
@@ -266,7 +123,7 @@ func FuzzParseRedact(f *testing.F) {
 		f.Add(s.form, s.user, s.pw, s.host, s.db, s.params)
 	}
 	f.Fuzz(func(t *testing.T, form uint8, user, pw, host, db, params string) {
-		raw, written, at := embed(form, user, pw, host, db, params)
+		raw, written, at := dsntest.Embed(form, user, pw, host, db, params)
 		red := Redact(raw)
 		cfg, err := Parse("--db-url", raw)
 		_ = Scrub(raw, pw, written)
@@ -283,16 +140,16 @@ func FuzzParseRedact(f *testing.F) {
 			}
 			outs["Describe"] = Describe(cfg)
 		}
-		forms := secretForms(pw, written)
+		forms := dsntest.Forms(pw, written)
 		if (form&7 == 7 && strings.ContainsAny(pw, " \t\n\r\v\f")) || (form&7 == 4 && strings.Contains(pw, "&")) {
 			return // unencoded, a space or & ends the value: the rest is other settings
 		}
-		if !checkable(raw, written, at, forms) {
+		if !dsntest.Checkable(raw, written, at, forms, boilerplate) {
 			return
 		}
 		for what, out := range outs {
-			if form, ok := leaked(out, forms); ok {
-				if knownBugs == "skip" && misread(raw, pw) {
+			if form, ok := dsntest.Leaked(out, forms); ok {
+				if knownBugs == "skip" && dsntest.Misread(raw, pw) {
 					continue // the known class: reported
 				}
 				t.Errorf("%s of %q holds the password %q (as %q):\n%s", what, raw, pw, form, out)
@@ -305,7 +162,7 @@ func FuzzParseRedact(f *testing.F) {
 // secret, query- and path-escaped, Go-quoted) out of the message.
 func FuzzScrub(f *testing.F) {
 	for _, pw := range trickyPasswords {
-		f.Add("connect to postgres://alice:"+escUserinfo(pw)+"@h/app failed: "+pw+" "+strconv.Quote(pw), pw)
+		f.Add("connect to postgres://alice:"+dsntest.EscapeUserinfo(pw)+"@h/app failed: "+pw+" "+strconv.Quote(pw), pw)
 		f.Add(url.QueryEscape(pw)+url.PathEscape(pw)+pw+pw, pw)
 	}
 	f.Add("aaaaaa", "aaa")
