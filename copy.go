@@ -1059,20 +1059,17 @@ func Verify(ctx context.Context, cfg Config) (VerifyReport, error) {
 	return rep, s.public(err)
 }
 
-// standalone is the shared part of a connector that Check and Verify need:
-// the configuration and both databases, no node, no router.
+// standalone is the part of a connector that Check and Verify need: the
+// configuration and both databases, no node, no router.
 func standalone(cfg Config, what string) (*common, error) {
-	cfg = cfg.withDefaults()
-	p, err := cfg.parse()
+	s, err := newCommon(cfg)
 	if err != nil {
 		return nil, err
 	}
-	if p.next == nil {
-		return nil, p.public(fmt.Errorf("%w: %s needs NextURL (--db-url-next): the database to switch over to", ErrConfig, what))
+	if s.next == nil {
+		return nil, s.public(fmt.Errorf("%w: %s needs NextURL (--db-url-next): the database to switch over to", ErrConfig, what))
 	}
-	keys := newLockKeys(cfg.Namespace)
-	return &common{cfg: cfg, log: cfg.Logger.With("swo.node", cfg.NodeName), keys: keys,
-		meta: meta.New(cfg.Namespace, keys.pair(lockSetup)), old: p.old, next: p.next, redactor: p.redactor}, nil
+	return s, nil
 }
 
 // dryRun is Check's work: every read RESET makes, none of its writes.
@@ -1084,9 +1081,7 @@ func (s *common) dryRun(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		var ps []Problem
-		var running State
-		ps, running, err = s.dryRunOn(ctx, conn, e)
+		ps, running, err := s.dryRunOn(ctx, conn, e)
 		closeBounded(conn)
 		if err != nil {
 			return fmt.Errorf("%s database %s: %w", e.label, e.describe(), err)

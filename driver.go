@@ -52,6 +52,22 @@ type common struct {
 	redactor
 }
 
+// newCommon validates cfg (with its defaults) and derives the shared part
+// of a connector from it: NewConnector's, and Check's and Verify's.
+func newCommon(cfg Config) (*common, error) {
+	cfg = cfg.withDefaults()
+	p, err := cfg.parse()
+	if err != nil {
+		return nil, err
+	}
+	keys := newLockKeys(cfg.Namespace)
+	return &common{
+		cfg: cfg, log: cfg.Logger.With("swo.node", cfg.NodeName), keys: keys,
+		meta: meta.New(cfg.Namespace, keys.pair(lockSetup)), old: p.old, next: p.next,
+		redactor: p.redactor,
+	}, nil
+}
+
 // endpoint is one configured database.
 type endpoint struct {
 	label string          // "old" or "next"

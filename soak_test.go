@@ -287,67 +287,7 @@ func soakCheck(t *testing.T, tc *testCluster, doneAt time.Time, acks []ack) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
-	var oldN, newN int
-	for _, a := range acks {
-		switch {
-		case a.db == tc.old.Name && !a.end.Before(doneAt):
-			t.Errorf("write %d/%d/%d ran on the old database at %v, after the switch committed at %v", a.node, a.worker, a.seq, a.end, doneAt)
-		case a.db == tc.old.Name:
-			oldN++
-		case a.db == tc.next.Name && !a.start.After(doneAt):
-			t.Errorf("write %d/%d/%d ran on the new database at %v, before the switch committed at %v", a.node, a.worker, a.seq, a.start, doneAt)
-		case a.db == tc.next.Name:
-			newN++
-		default:
-			t.Errorf("write %d/%d/%d reached database %q", a.node, a.worker, a.seq, a.db)
-		}
-	}
-	nc, err := pgx.Connect(ctx, tc.next.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close(context.Background())
-	var rows int
-	if err := nc.QueryRow(ctx, "SELECT count(*) FROM ledger").Scan(&rows); err != nil {
-		t.Fatal(err)
-	}
-	if rows != len(acks) {
-		t.Errorf("new database holds %d ledger rows, %d writes were acknowledged", rows, len(acks))
-	}
-	batch := &pgx.Batch{}
-	for _, a := range acks {
-		batch.Queue("SELECT count(*) FROM ledger WHERE node = $1 AND worker = $2 AND seq = $3", a.node, a.worker, a.seq)
-	}
-	br := nc.SendBatch(ctx, batch)
-	missing := 0
-	for range acks {
-		var n int
-		if err := br.QueryRow().Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		if n != 1 {
-			missing++
-		}
-	}
-	if err := br.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if missing > 0 {
-		t.Errorf("%d acknowledged writes are not in the new database exactly once", missing)
-	}
-	var bad int
-	if err := nc.QueryRow(ctx, `SELECT count(*) FROM counters c
-		LEFT JOIN (SELECT counter, count(*) AS n FROM ledger GROUP BY counter) l ON l.counter = c.id
-		WHERE c.n <> coalesce(l.n, 0)`).Scan(&bad); err != nil {
-		t.Fatal(err)
-	}
-	if bad > 0 {
-		t.Errorf("%d counters differ from their ledger rows in the new database: a write was half-applied or applied twice", bad)
-	}
-	if oldN == 0 || newN == 0 {
-		t.Errorf("the load did not span the switch: %d writes on the old database, %d on the new", oldN, newN)
-	}
-	t.Logf("%d acknowledged writes: %d on the old database, %d on the new; all present once", len(acks), oldN, newN)
+	checkLedger(ctx, t, tc, doneAt, acks, true)
 	start := time.Now()
 	diffs, err := pgtest.Compare(ctx, tc.old.AdminURL(), tc.next.AdminURL(), pgtest.CompareOptions{
 		SkipSchemas: []string{"swo"}, SkipTables: []string{"public.ledger", "public.counters"}})

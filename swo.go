@@ -327,17 +327,11 @@ type Connector struct {
 // that was switched away from (in switchover mode: unless NextURL is the
 // database it was switched to, which is then used), or NextURL names one.
 func NewConnector(ctx context.Context, cfg Config) (*Connector, error) {
-	cfg = cfg.withDefaults()
-	p, err := cfg.parse()
+	s, err := newCommon(cfg)
 	if err != nil {
 		return nil, err
 	}
-	keys := newLockKeys(cfg.Namespace)
-	s := &common{
-		cfg: cfg, log: cfg.Logger.With("swo.node", cfg.NodeName), keys: keys,
-		meta: meta.New(cfg.Namespace, keys.pair(lockSetup)), old: p.old, next: p.next,
-		redactor: p.redactor,
-	}
+	cfg = s.cfg
 	c := &Connector{common: s, router: newRouter(s)}
 	c.drv = &Driver{c: c}
 	bgCtx, cancel := context.WithCancel(context.Background())

@@ -66,7 +66,8 @@ func newLoadQueue(units []unit, recs []undoRecord, p *Progress) *loadQueue {
 // rebuilds once every unit is done). q.mu is held, or q is not shared yet.
 func (q *loadQueue) release() {
 	for tbl, jobs := range q.waiting {
-		if q.left[tbl] == 0 && (q.unitsTo == 0 || hasUnits(q, tbl)) {
+		left, loaded := q.left[tbl] // a table the copy does not load waits for every unit
+		if left == 0 && (loaded || q.unitsTo == 0) {
 			q.ready = append(q.ready, jobs...)
 			delete(q.waiting, tbl)
 		}
@@ -77,13 +78,6 @@ func (q *loadQueue) release() {
 		q.p.Add(q.rebuilt, 0)
 	}
 	q.cond.Broadcast()
-}
-
-// hasUnits reports whether the copy loads tbl (left counts its units down
-// to 0, but keeps the key).
-func hasUnits(q *loadQueue, tbl string) bool {
-	_, ok := q.left[tbl]
-	return ok
 }
 
 // next returns the next job, waiting while none is ready but some are

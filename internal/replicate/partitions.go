@@ -153,7 +153,7 @@ func (e *Engine) queueLockParents(q *pgx.Batch) {
 }
 
 // queueCheckPremade queues, after the locks, the check that each premade
-// partition is still the table found and still empty; checked receives the
+// partition is still the table found and still empty; failed receives the
 // names of those that are not.
 func (e *Engine) queueCheckPremade(q *pgx.Batch, failed *[]string) {
 	for _, p := range e.premade {
