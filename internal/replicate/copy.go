@@ -168,11 +168,7 @@ func (e *Engine) loadWorker(ctx context.Context, snap string, q *loadQueue, impo
 	defer dst.Close(context.Background())
 	// Commits stay synchronous (one WAL flush per unit): a target that
 	// restarted between two steps of the run must not have lost a unit.
-	mem := e.MaintenanceWorkMem
-	if mem == "" {
-		mem = "128MB"
-	}
-	if _, err := dst.Exec(ctx, "SELECT set_config('synchronous_commit', 'on', false), set_config('maintenance_work_mem', $1, false)", mem); err != nil {
+	if _, err := dst.Exec(ctx, "SELECT set_config('synchronous_commit', 'on', false), set_config('maintenance_work_mem', $1, false)", e.maintenanceWorkMem()); err != nil {
 		return err
 	}
 	if err := src.PgConn().Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '"+snap+"'").Close(); err != nil {
@@ -196,7 +192,7 @@ func (e *Engine) loadWorker(ctx context.Context, snap string, q *loadQueue, impo
 				inSnapshot = false
 			}
 			e.progress().SetTable(strings.ReplaceAll(j.tbl, `"`, ""))
-			err = e.rebuild(ctx, dst, j.recs)
+			err = e.applyAll(ctx, dst, j.recs, PhaseRebuildIndexes, false) // the queue counts them
 		}
 		if err != nil {
 			return err
@@ -232,14 +228,27 @@ func (e *Engine) copyUnit(ctx context.Context, src, dst *pgx.Conn, u unit) error
 	return nil
 }
 
-// rebuild applies undo records of one table, in order.
-func (e *Engine) rebuild(ctx context.Context, dst *pgx.Conn, recs []undoRecord) error {
+// applyAll applies undo records in order (the work of phase what), and
+// counts each in the progress if count is set.
+func (e *Engine) applyAll(ctx context.Context, dst *pgx.Conn, recs []undoRecord, what string, count bool) error {
 	for _, r := range recs {
 		if err := e.applyUndo(ctx, dst, r); err != nil {
-			return fmt.Errorf("%s: %s %s on %s: %w", PhaseRebuildIndexes, r.kind, r.name, r.tbl, err)
+			return fmt.Errorf("%s: %s %s on %s: %w", what, r.kind, r.name, r.tbl, err)
+		}
+		if count {
+			e.progress().Add(1, 0)
 		}
 	}
 	return nil
+}
+
+// maintenanceWorkMem is the setting of index-building and validating
+// sessions.
+func (e *Engine) maintenanceWorkMem() string {
+	if e.MaintenanceWorkMem == "" {
+		return "128MB"
+	}
+	return e.MaintenanceWorkMem
 }
 
 // pipeCopy streams COPY ... TO STDOUT on src into COPY ... FROM STDIN on dst,

@@ -258,20 +258,13 @@ func (e *Engine) restoreParallel(ctx context.Context, recs []undoRecord, what st
 				return err
 			}
 			defer conn.Close(context.Background())
-			mem := e.MaintenanceWorkMem
-			if mem == "" {
-				mem = "128MB"
-			}
-			if _, err := conn.Exec(gctx, "SELECT set_config('maintenance_work_mem', $1, false)", mem); err != nil {
+			if _, err := conn.Exec(gctx, "SELECT set_config('maintenance_work_mem', $1, false)", e.maintenanceWorkMem()); err != nil {
 				return err
 			}
 			for tbl := range work {
 				e.progress().SetTable(tbl)
-				for _, r := range byTable[tbl] {
-					if err := e.applyUndo(gctx, conn, r); err != nil {
-						return fmt.Errorf("%s: %s %s on %s: %w", what, r.kind, r.name, r.tbl, err)
-					}
-					e.progress().Add(1, 0)
+				if err := e.applyAll(gctx, conn, byTable[tbl], what, true); err != nil {
+					return err
 				}
 			}
 			return nil
