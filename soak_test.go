@@ -376,6 +376,20 @@ type soakTx interface {
 
 type soakRow interface{ Scan(dest ...any) error }
 
+// beginOn begins a transaction through f and says which database it runs on.
+func beginOn(ctx context.Context, f soakFront) (soakTx, string, error) {
+	tx, err := f.begin(ctx)
+	if err != nil {
+		return nil, "", err
+	}
+	var db string
+	if err := tx.queryRow(ctx, "SELECT current_database()").Scan(&db); err != nil {
+		tx.rollback(ctx)
+		return nil, "", err
+	}
+	return tx, db, nil
+}
+
 // front returns node n's front end f.
 func (tc *testCluster) front(n int, f frontEnd) soakFront {
 	if f == viaPool {
@@ -469,15 +483,11 @@ type batchWriter struct {
 }
 
 func (w *batchWriter) write(ctx context.Context, a *ack) error {
-	tx, err := w.f.begin(ctx)
+	tx, db, err := beginOn(ctx, w.f)
 	if err != nil {
 		return err
 	}
 	defer tx.rollback(ctx)
-	var db string
-	if err := tx.queryRow(ctx, "SELECT current_database()").Scan(&db); err != nil {
-		return err
-	}
 	if db == w.old {
 		// Rows in one order (no deadlock between writers); accounts
 		// below 100 are the long transactions'.
@@ -528,15 +538,11 @@ func (w longWriter) write(ctx context.Context, a *ack) error {
 	if w.gap > 0 {
 		time.Sleep(w.gap/2 + time.Duration(w.rng.Int64N(int64(w.gap))))
 	}
-	tx, err := w.f.begin(ctx)
+	tx, db, err := beginOn(ctx, w.f)
 	if err != nil {
 		return err
 	}
 	defer tx.rollback(ctx)
-	var db string
-	if err := tx.queryRow(ctx, "SELECT current_database()").Scan(&db); err != nil {
-		return err
-	}
 	if db == w.old {
 		if err := tx.exec(ctx, "UPDATE accounts SET balance = balance + 1 WHERE id = $1", w.account); err != nil {
 			return err
